@@ -1,0 +1,143 @@
+"""The typed shape of a pipeline. Key names follow the original guide (seed, model.clip_skip,
+data.<dataset>.batch_size, [[unet]], [[lora_unet]], [tokenizer_pt], ...).
+
+Adapter sections ([[unet]], [[lora_unet]], [tokenizer_pt], ...) are not fields here: adapters
+claim them at registration, so a plugin can add its own section.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import attrs
+
+from ..registry import BucketSpec, LossSpec, SourceSpec
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _one_of(options: Tuple[str, ...]):
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and value not in options:
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+
+    return check
+
+
+def _at_least(low: float):
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and value < low:
+            raise ValueError(f"must be at least {low}, got {value!r}")
+
+    return check
+
+
+@attrs.define
+class ModelConfig:
+    """``[model]``: which checkpoint, and how it runs."""
+
+    pretrained: str
+    clip_skip: int = attrs.field(default=0, validator=_at_least(0))
+    mixed_precision: str = attrs.field(default="no", validator=_one_of(MIXED_PRECISION))
+    gradient_checkpointing: bool = False
+    #: Override the scheduler config's prediction type ("epsilon" | "v_prediction").
+    prediction_type: Optional[str] = attrs.field(default=None, validator=_one_of(PREDICTION_TYPES))
+    #: Keep the VAE in fp32 under fp16/bf16 (the SDXL VAE overflows in fp16).
+    vae_fp32: bool = True
+
+
+@attrs.define
+class OptimizerConfig:
+    """``train.optimizer``: a registry name (never an import path) and its options."""
+
+    type: str = "adamw"
+    weight_decay: float = 1e-2
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+
+
+@attrs.define
+class SchedulerConfig:
+    """``train.scheduler``: learning-rate schedule by name."""
+
+    type: str = "constant"
+    warmup_steps: int = attrs.field(default=0, validator=_at_least(0))
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
+
+
+@attrs.define
+class EmaConfig:
+    """``train.ema``: exponential moving average of the trained weights."""
+
+    enabled: bool = False
+    decay: float = 0.999
+
+
+def _default_loss() -> Any:
+    return None  # filled with the registered "mse" loss when the pipeline is structured
+
+
+@attrs.define
+class TrainConfig:
+    """``[train]``: the loop's hyper-parameters."""
+
+    max_steps: int = attrs.field(default=1000, validator=_at_least(1))
+    gradient_accumulation: int = attrs.field(default=1, validator=_at_least(1))
+    max_grad_norm: Optional[float] = 1.0
+    save_every: int = attrs.field(default=0, validator=_at_least(0))  # 0: only at the end
+    log_every: int = attrs.field(default=10, validator=_at_least(1))
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+    loss: Optional[LossSpec] = None  # None means the registered "mse"
+    min_snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    ema: EmaConfig = attrs.field(factory=EmaConfig)
+    keep_checkpoints: int = attrs.field(default=2, validator=_at_least(1))
+
+
+@attrs.define
+class DatasetConfig:
+    """``[data.<name>]``: one of the parallel datasets; each step draws one batch from each."""
+
+    sources: List[SourceSpec]
+    bucket: BucketSpec
+    batch_size: int = attrs.field(default=1, validator=_at_least(1))
+    loss_weight: float = 1.0
+    cache_latents: bool = False
+    num_workers: int = attrs.field(default=0, validator=_at_least(0))
+    #: Where cached latents live; default ``<exp_dir>/latent_cache``.
+    cache_dir: Optional[str] = None
+
+
+@attrs.define
+class SampleConfig:
+    """``[sample]``: images rendered during training (see the generation docs)."""
+
+    prompts: List[str] = attrs.field(factory=list)
+    negative_prompt: str = ""
+    every: int = 0
+    seed: int = 0
+    steps: int = 20
+    size: Tuple[int, int] = (512, 512)
+    scheduler: str = "ddim"
+    cfg: float = 7.0
+
+
+@attrs.define
+class Pipeline:
+    """A whole pipeline after merging bases and overrides."""
+
+    model: ModelConfig
+    data: Dict[str, DatasetConfig]
+    seed: int = 0
+    exp_dir: str = "runs/exp"
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    sample: Optional[SampleConfig] = None
+    #: Adapter sections, structured by the adapters that claim them:
+    #: section name -> list of that adapter's config objects.
+    adapters: Dict[str, List[Any]] = attrs.field(factory=dict)
+    #: Directory the top-level config file lives in; relative paths resolve against it.
+    base_dir: str = "."
+    #: The merged raw TOML tables (what ``hcp config`` prints).
+    raw: Dict[str, Any] = attrs.field(factory=dict, repr=False)

@@ -1,0 +1,191 @@
+"""What each family's factory returns, and the plain data that flows between them.
+
+Hooks run once at start-up; these objects do the per-sample and per-step work. They are plain
+Python (no pluggy on the hot path) and must be picklable, because DataLoader workers receive them.
+Torch is imported lazily by implementations, never here.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import attrs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Size = Tuple[int, int]  # (width, height) in pixels
+
+
+# --------------------------------------------------------------------------- data sources
+@attrs.frozen
+class Problem:
+    """A file hcp could not use as it is, and what it did about it."""
+
+    path: str
+    what: str  # e.g. "corrupt or truncated image"
+    action: str  # e.g. "skipped", "captioned as empty"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what} ({self.action})"
+
+
+@attrs.frozen
+class PromptParts:
+    """The text of one sample while text transforms work on it."""
+
+    template: str  # e.g. "a photo of a {pt1}, {caption}"
+    caption: str  # "" when the image has none
+
+
+class TextTransform(Protocol):
+    """Built by a text-transform factory: ``factory(config) -> TextTransform``."""
+
+    def __call__(self, parts: PromptParts, rng: random.Random) -> PromptParts: ...
+
+
+@attrs.frozen
+class ImageRecord:
+    """One usable training image, as a data source found it (no pixels decoded)."""
+
+    image: str  # path to the image file
+    size: Size  # (w, h) as displayed, EXIF orientation applied, read from the header
+    caption: Optional[str] = None
+    mask: Optional[str] = None  # grayscale attention mask, same stem as the image
+    templates: Tuple[str, ...] = ("{caption}",)
+    text_transforms: Tuple[Any, ...] = ()  # built TextTransform objects, applied in order
+    repeat: int = 1
+    source: str = ""  # which source found it, for messages
+
+
+@attrs.frozen
+class ScanResult:
+    """What a data source's scan returns."""
+
+    records: List[ImageRecord]
+    problems: List[Problem] = attrs.field(factory=list)
+
+
+class DataSource(Protocol):
+    """Built by ``factory(config, *, context: SourceContext) -> DataSource``."""
+
+    def scan(self) -> ScanResult: ...
+
+
+@attrs.frozen
+class SourceContext:
+    """What a data source gets besides its config."""
+
+    registry: Any  # hcp_core.registry.Registry, to build its own text transforms
+    base_dir: str = "."  # relative paths in the config resolve against this
+    dataset: str = ""  # the [data.<name>] this source belongs to
+
+
+# --------------------------------------------------------------------------- buckets
+@attrs.frozen
+class CropPlan:
+    """Resize the image to ``resize`` (w, h), then crop ``box`` = (left, top, right, bottom)."""
+
+    resize: Size
+    box: Tuple[int, int, int, int]
+
+
+class Bucket(Protocol):
+    """Built by ``factory(config, *, context: BucketContext) -> Bucket``."""
+
+    #: True when :meth:`crop` ignores ``rng`` (then latents can be cached).
+    deterministic: bool
+
+    def fit(self, sizes: Sequence[Size]) -> List[Size]:
+        """Choose the bucket sizes (w, h) for a data set whose images have ``sizes``."""
+        ...
+
+    def assign(self, size: Size, buckets: Sequence[Size]) -> int:
+        """Index of the bucket an image of ``size`` goes to."""
+        ...
+
+    def crop(self, size: Size, bucket: Size, rng: Optional[random.Random]) -> CropPlan:
+        """How an image of ``size`` becomes exactly ``bucket``; ``rng`` None means centred."""
+        ...
+
+
+@attrs.frozen
+class BucketContext:
+    seed: int = 0
+    dataset: str = ""
+
+
+# --------------------------------------------------------------------------- losses
+@attrs.frozen
+class LossInputs:
+    """Everything a loss may use besides prediction and target."""
+
+    timesteps: Any  # LongTensor [B]
+    weight_map: Any = None  # attention-mask weights [B, 1, h, w] at latent size, or None
+    snr: Any = None  # signal-to-noise ratio per sample [B], or None
+
+
+class Loss(Protocol):
+    """Built by ``factory(config) -> Loss``; returns one loss value per sample, shape [B]."""
+
+    def __call__(self, pred: "torch.Tensor", target: "torch.Tensor", inputs: LossInputs) -> "torch.Tensor": ...
+
+
+# --------------------------------------------------------------------------- adapters
+@attrs.define
+class ModelBundle:
+    """The loaded diffusion model's parts. SDXL fills the ``*_2`` fields."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    kind: str = "sd"  # "sd" (1.x/2.x) or "sdxl"
+    source: str = ""  # where it was loaded from, for metadata
+    prediction_type: str = "epsilon"
+
+    def part(self, target: str) -> Any:
+        """The module an adapter section targets ("unet", "text_encoder", "text_encoder_2")."""
+        module = getattr(self, target, None)
+        if module is None:
+            raise ValueError(f"this model has no '{target}'")
+        return module
+
+
+@attrs.frozen
+class AdapterContext:
+    """What an adapter gets besides its configs."""
+
+    exp_dir: str
+    base_dir: str = "."
+    clip_skip: int = 0
+    resolution: Optional[Size] = None
+    seed: int = 0
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class Adapter(Protocol):
+    """Built by ``factory(sections, *, context: AdapterContext) -> Adapter``.
+
+    ``sections`` maps a model part ("unet", "text_encoder") to the list of structured configs
+    from every pipeline section this adapter owns that targets that part.
+    """
+
+    def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
+        """Modify ``models`` in place; return optimizer parameter groups (``{"params", "lr"}``)."""
+        ...
+
+    def trainable_state(self) -> Dict[str, "torch.Tensor"]:
+        """Tensors this adapter trains, by stable name, for checkpoints and resume."""
+        ...
+
+    def load_trainable_state(self, state: Mapping[str, "torch.Tensor"]) -> None:
+        """Restore what :meth:`trainable_state` returned."""
+        ...
+
+    def export(self, models: ModelBundle, out_dir: str, step: Optional[int]) -> List[str]:
+        """Write user-facing files (``step`` None = final); return their paths."""
+        ...

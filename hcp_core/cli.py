@@ -1,0 +1,147 @@
+"""The ``hcp`` command. Start-up imports no torch: each command imports what it needs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .errors import UserError
+
+EPILOG = "Docs: README.md. A user error exits with status 2; add --debug for a traceback."
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline TOML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a value, e.g. data.dataset1.batch_size=2")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # `--resume` takes an optional path; an override typed right after it is not a path.
+    if args.resume and "=" in args.resume and args.resume != "latest":
+        args.overrides.append(args.resume)
+        args.resume = "latest"
+    pipeline = _load(args)
+    from .train.runner import run
+
+    run(pipeline, resume=args.resume)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import pipeline_to_dict
+    from .config.toml_write import dumps
+
+    print(dumps(pipeline_to_dict(_load(args))), end="")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    pipeline = _load(args)
+    print(f"config OK: {args.config}")
+    from .data.report import check_pipeline
+
+    ok = check_pipeline(pipeline, out=sys.stdout)
+    return 0 if ok else 2
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_registry, report_failures
+    from .registry import FAMILIES
+
+    reg = get_registry()
+    for name, (dist, version, module) in sorted(reg.plugins.items()):
+        print(f"{name} ({dist or 'not installed'} {version or ''}".rstrip() + f") [{module}]")
+        for family in FAMILIES:
+            comps = [c.name for c in reg.families[family] if c.plugin == name]
+            if comps:
+                print(f"  {family}: {', '.join(comps)}")
+    report_failures(reg, sys.stdout)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo.dataset import build_demo_dataset
+    from .demo.model import build_demo_model
+
+    root = Path(args.dir)
+    model = build_demo_model(root / "model")
+    data = build_demo_dataset(root / "data")
+    print(f"demo model: {model}\ndemo data:  {data}")
+    return 0
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(TOOLS[args.tool][0])
+    return int(module.main(args.tool_args) or 0)
+
+
+#: ``hcp tools NAME``: module with ``main(argv) -> int`` and a one-line help.
+TOOLS: Dict[str, tuple[str, str]] = {
+    "convert-captions": ("hcp_core.tools.convert_captions", "turn per-image .txt captions into one .json"),
+    "merge-lora": ("hcp_core.tools.merge_lora", "merge LoRA files into a model's weights"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hcp", description="Fine-tune diffusion models from TOML pipelines.", epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="train a pipeline", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in exp_dir, or from the given one")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the merged, resolved pipeline as TOML")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("check", help="validate a pipeline and its data without training")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plugins", help="list loaded plugins and their components")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="create the tiny offline demo model and dataset")
+    p.add_argument("dir", nargs="?", default="demo", help="output folder (default: ./demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tools", help="helper tools; 'hcp tools NAME --help' for each")
+    p.add_argument("tool", choices=sorted(TOOLS), metavar="NAME",
+                   help="; ".join(f"{k}: {v[1]}" for k, v in sorted(TOOLS.items())))
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help="the tool's own arguments")
+    p.set_defaults(func=cmd_tool)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``hcp`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"hcp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hcp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

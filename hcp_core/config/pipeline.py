@@ -1,0 +1,102 @@
+"""From merged TOML to a validated :class:`~hcp_core.config.schema.Pipeline`, and back."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import attrs
+
+from ..errors import ConfigError, did_you_mean
+from ..plugins import get_registry
+from ..registry import Registry
+from . import convert
+from .loader import load_raw
+from .schema import Pipeline
+
+#: Pipeline fields that come from TOML; the rest are filled by hcp.
+_TOML_FIELDS = ("model", "data", "seed", "exp_dir", "train", "sample")
+
+
+def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, base_dir: str = ".") -> Pipeline:
+    """Validate merged TOML data against the schema and the registered adapters.
+
+    All problems are reported together in one :class:`ConfigError`.
+    """
+    registry = registry or get_registry()
+    conv = convert.make_converter(registry)
+    sections = registry.adapter_sections()
+    core = {k: v for k, v in raw.items() if k in _TOML_FIELDS}
+    errors: List[str] = []
+    for key in raw:
+        if key not in _TOML_FIELDS and key not in sections:
+            known = [*_TOML_FIELDS, *sorted(sections)]
+            errors.append(f"{key}: unknown section.{did_you_mean(key, known)} Known: {', '.join(known)}.")
+    for required in ("model", "data"):
+        if required not in raw:
+            errors.append(f"{required}: required section missing")
+    pipeline: Optional[Pipeline] = None
+    if not errors:
+        try:
+            pipeline = convert.structure(conv, {**core}, Pipeline)
+        except ConfigError as exc:
+            errors.extend(_lines(exc))
+    adapters: Dict[str, List[Any]] = {}
+    for section, (comp, _target) in sections.items():
+        if section not in raw:
+            continue
+        value = raw[section]
+        items = [value] if isinstance(value, Mapping) else value
+        if not isinstance(items, list):
+            errors.append(f"{section}: expected a table or a list of tables, got {value!r}")
+            continue
+        try:
+            adapters[section] = [
+                convert.structure(conv, item, comp.config, f"{section}[{i}]" if isinstance(value, list) else section)
+                for i, item in enumerate(items)
+            ]
+        except ConfigError as exc:
+            errors.extend(_lines(exc))
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    assert pipeline is not None
+    if not pipeline.data:
+        raise ConfigError("data: define at least one dataset, e.g. [data.dataset1] with sources and a bucket")
+    return attrs.evolve(pipeline, adapters=adapters, base_dir=str(base_dir), raw=dict(raw))
+
+
+def _lines(exc: ConfigError) -> List[str]:
+    text = str(exc)
+    head = "invalid config:\n  "
+    return text[len(head):].split("\n  ") if text.startswith(head) else [text]
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), registry: Optional[Registry] = None) -> Pipeline:
+    """Load, merge (bases, overrides) and validate a pipeline file.
+
+    Relative paths inside the pipeline (model, data, exp_dir) are resolved against the current
+    working directory, as in the original tool; ``base`` paths against the file naming them.
+    """
+    raw = load_raw(path, overrides)
+    return build_pipeline(raw, registry, base_dir=os.getcwd())
+
+
+def pipeline_to_dict(pipeline: Pipeline, registry: Optional[Registry] = None) -> Dict[str, Any]:
+    """The resolved pipeline (defaults filled in) as plain data, ready for TOML."""
+    conv = convert.make_converter(registry or get_registry())
+    out: Dict[str, Any] = {}
+    for name in _TOML_FIELDS:
+        value = getattr(pipeline, name)
+        if value is not None:
+            out[name] = convert.unstructure(conv, value)
+    for section, items in pipeline.adapters.items():
+        out[section] = [convert.unstructure(conv, item) for item in items]
+    return _drop_none(out)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value if v is not None]
+    return value

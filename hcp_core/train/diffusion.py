@@ -1,0 +1,69 @@
+"""The diffusion maths of one training step: noise, timesteps, targets, SNR weights.
+
+Noise and timesteps are drawn per sample from a generator keyed on (seed, step, sample id), so
+they do not depend on batch layout or process count: a 2-process run draws the same noise as a
+1-process run of the same global batch, and a resumed run draws what the uninterrupted one did.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # splitmix constant, spreads nearby keys apart
+
+
+def sample_seed(seed: int, step: int, sample_id: int, stream: int = 0) -> int:
+    """A 63-bit seed for one sample of one step."""
+    x = (seed * 1_000_003 + step) * _MIX + sample_id * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def draw_noise_and_timesteps(
+    latents: torch.Tensor,
+    sample_ids: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    num_train_timesteps: int,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Gaussian noise shaped like ``latents`` and integer timesteps in [0, T)."""
+    noises, steps = [], []
+    shape = latents.shape[1:]
+    for sid in sample_ids:
+        g = torch.Generator().manual_seed(sample_seed(seed, step, int(sid)))
+        n = torch.randn(shape, generator=g, dtype=torch.float32)
+        if noise_offset:
+            # Offset noise (a per-channel constant) lets the model learn very dark/bright images.
+            n = n + noise_offset * torch.randn((shape[0], 1, 1), generator=g, dtype=torch.float32)
+        noises.append(n)
+        steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    noise = torch.stack(noises).to(device=latents.device, dtype=latents.dtype)
+    timesteps = torch.cat(steps).to(latents.device)
+    return noise, timesteps
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: Optional[float], prediction_type: str) -> Optional[torch.Tensor]:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma)/SNR, or /(SNR+1) for v-prediction."""
+    if gamma is None:
+        return None
+    clipped = torch.clamp(snr_values, max=gamma)
+    return clipped / (snr_values + 1.0) if prediction_type == "v_prediction" else clipped / snr_values

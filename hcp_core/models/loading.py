@@ -1,0 +1,226 @@
+"""Load a Stable Diffusion checkpoint from local files into a :class:`ModelBundle`.
+
+Two forms are read, never downloaded:
+
+* a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+  ``scheduler/``), each part loaded with its own class' ``from_pretrained``;
+* a single ``.safetensors`` / ``.ckpt`` file, through diffusers' ``from_single_file``, which works
+  offline only when the model's configs and tokenizer are on disk (``config=`` a diffusers folder
+  of the same architecture, or the Hugging Face cache).
+
+The scheduler in the bundle is a ``DDPMScheduler`` built from the model's scheduler config: the
+noise schedule training needs, whatever sampler the model ships with. Samplers can be made from
+its config (``EulerDiscreteScheduler.from_config(bundle.scheduler.config)``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from ..errors import UserError
+from ..interfaces import ModelBundle
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
+
+
+class ModelLoadError(UserError):
+    """A model that cannot be loaded from what is on disk."""
+
+
+def load_models(
+    pretrained: Union[str, Path],
+    *,
+    prediction_type: Optional[str] = None,
+    dtype: Any = None,
+    frozen: bool = True,
+    config: Optional[Union[str, Path]] = None,
+) -> ModelBundle:
+    """Load the SD model at ``pretrained`` (a diffusers folder or a single checkpoint file).
+
+    ``prediction_type`` ("epsilon" | "v_prediction") overrides the scheduler config's and is written
+    into the scheduler config, so both agree. ``dtype`` is a ``torch.dtype`` or a name ("fp16",
+    "bf16", "fp32"); None keeps the stored precision of each part as loaded (float32 for diffusers
+    and transformers defaults). With ``frozen`` (the default) every part is in eval mode with
+    ``requires_grad`` off; adapters switch on what they train. ``config`` is a local diffusers
+    folder that describes a single-file checkpoint (ignored for folders).
+    """
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(
+            f"model.prediction_type = {prediction_type!r} is not known; use one of "
+            + ", ".join(repr(p) for p in PREDICTION_TYPES[:2])
+            + " or leave it out to use the scheduler config's"
+        )
+    torch_dtype = _torch_dtype(dtype)
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        raise ModelLoadError(_missing_message(str(pretrained)))
+    if path.is_dir():
+        parts = _load_folder(path, prediction_type)
+    else:
+        parts = _load_single_file(path, prediction_type, config)
+
+    scheduler = parts["scheduler"]
+    bundle = ModelBundle(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        scheduler=scheduler,
+        kind="sd",
+        source=str(path),
+        prediction_type=scheduler.config.prediction_type,
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(bundle, name)
+        if torch_dtype is not None:
+            module.to(dtype=torch_dtype)
+        if frozen:
+            module.requires_grad_(False)
+            module.eval()
+    return bundle
+
+
+# --------------------------------------------------------------------------- diffusers folders
+def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
+    """Load each part of a diffusers SD folder with its own class."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = _read_model_index(path)
+    if index.get("text_encoder_2") or index.get("_class_name", "").startswith("StableDiffusionXL"):
+        raise ModelLoadError(
+            f"'{path}' is an SDXL model ({index.get('_class_name')}); hcp loads SD 1.x/2.x models so far. "
+            "Use an SD 1.x or 2.x model for model.pretrained."
+        )
+    for part in SD_PARTS:
+        _check_part(path, part, index)
+
+    # DDPM whatever sampler the folder ships: config keys meant for other samplers are dropped quietly.
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}  # fmt: skip
+    extra: Dict[str, Dict[str, Any]] = {
+        "unet": {"variant": _weights_variant(path / "unet")},
+        "vae": {"variant": _weights_variant(path / "vae")},
+        "text_encoder": {"variant": _weights_variant(path / "text_encoder")},
+        "scheduler": {"prediction_type": prediction_type} if prediction_type else {},
+    }
+    parts = {}
+    for part, cls in classes.items():
+        try:
+            parts[part] = cls.from_pretrained(str(path / part), local_files_only=True, **extra.get(part, {}))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # corrupt or incomplete part
+            raise ModelLoadError(
+                f"could not load the {part} of '{path}' from '{path / part}': {err}. "
+                f"The {part}/ folder may be incomplete; copy it again from the model's source."
+            ) from err
+    return parts
+
+
+def _read_model_index(path: Path) -> Dict[str, Any]:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        nested = sorted(p.parent for p in path.glob("*/model_index.json"))
+        hint = f" Did you mean '{nested[0]}'?" if nested else ""
+        raise ModelLoadError(
+            f"'{path}' is not a diffusers model folder: it has no model_index.json. Point model.pretrained "
+            "at the folder that holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
+            f"scheduler/, or at a single .safetensors/.ckpt file.{hint}"
+        )
+    try:
+        return json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"'{index_file}' is not valid JSON ({err}); copy it again from the model's source.") from err
+
+
+def _check_part(path: Path, part: str, index: Dict[str, Any]) -> None:
+    entry = index.get(part)
+    if not entry or entry[0] is None:
+        raise ModelLoadError(
+            f"'{path / 'model_index.json'}' lists no {part}; hcp needs a full Stable Diffusion model "
+            "(unet, vae, text_encoder, tokenizer, scheduler)."
+        )
+    if not (path / part).is_dir():
+        raise ModelLoadError(
+            f"'{path}' has no {part}/ folder although model_index.json names it; the download is "
+            f"incomplete: copy the {part}/ folder from the model's source into '{path}'."
+        )
+
+
+def _weights_variant(part_dir: Path) -> Optional[str]:
+    """"fp16" when a part only ships ``*.fp16.*`` weights (a common way to publish half-size models)."""
+    names = [p.name for p in part_dir.iterdir() if p.suffix in (".safetensors", ".bin")]
+    plain = [n for n in names if n.count(".") == 1]
+    if not plain and any(".fp16." in n for n in names):
+        return "fp16"
+    return None
+
+
+# --------------------------------------------------------------------------- single files
+def _load_single_file(path: Path, prediction_type: Optional[str], config: Optional[Union[str, Path]]) -> Dict[str, Any]:
+    """Read a single checkpoint file through diffusers, offline."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(
+            f"'{path}' is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}); "
+            "point model.pretrained at one of those."
+        )
+    kwargs: Dict[str, Any] = {"local_files_only": True, "load_safety_checker": False}
+    if config is not None:
+        if not (Path(config) / "model_index.json").is_file():
+            raise ModelLoadError(f"config '{config}' for '{path}' is not a diffusers folder (no model_index.json).")
+        kwargs["config"] = str(config)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as err:  # diffusers raises many types here (OSError, ValueError, hub errors)
+        raise ModelLoadError(
+            f"diffusers could not read the single-file checkpoint '{path}' offline "
+            f"({type(err).__name__}: {str(err).strip().rstrip('.')}). It needs the model's configs and "
+            "tokenizer on disk: convert the checkpoint to a diffusers folder where they are available "
+            "and set model.pretrained to that folder, or give load_models(config=...) a local diffusers "
+            "folder of the same architecture."
+        ) from err
+    scheduler_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+    return {
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "scheduler": DDPMScheduler.from_config(pipe.scheduler.config, **scheduler_kwargs),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def _torch_dtype(dtype: Any):
+    """``None`` or a torch dtype, from a torch dtype or a name like "fp16"."""
+    if dtype is None:
+        return None
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
+    if name is None:
+        raise ModelLoadError(f"dtype {dtype!r} is not known; use one of 'fp32', 'fp16', 'bf16'.")
+    return getattr(torch, name)
+
+
+def _missing_message(pretrained: str) -> str:
+    message = f"model '{pretrained}' not found: there is no such file or folder."
+    looks_like_repo = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
+    if looks_like_repo:
+        message += (
+            " hcp reads models from local files only; download the repository first "
+            f"(e.g. `huggingface-cli download {pretrained} --local-dir DIR`) and set model.pretrained to DIR."
+        )
+    else:
+        message += (
+            " Set model.pretrained to a local diffusers folder (with model_index.json) or a "
+            ".safetensors/.ckpt file; hcp_core.demo.model.build_demo_model writes a tiny offline one."
+        )
+    return message

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny offline SD model and a small synthetic data set, built once per session."""
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub: tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.x diffusers folder (seed 0, epsilon prediction). Treat it as read-only."""
+    from hcp_core.demo.model import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 captioned images of mixed aspect ratios, masks in att_mask/. Treat it as read-only."""
+    from hcp_core.demo.dataset import build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("demo_data"), n_images=12, seed=0)

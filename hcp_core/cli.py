@@ -17,7 +17,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     from .config import load_config
+    from .plugins import get_registry, report_failures
 
+    report_failures(get_registry())  # a broken plugin is named, the rest go on
     return load_config(args.config, args.overrides)
 
 
@@ -54,6 +56,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import get_registry, report_failures
     from .registry import FAMILIES
 
+    from .plugins import blocked_plugins
+
     reg = get_registry()
     for name, (dist, version, module) in sorted(reg.plugins.items()):
         print(f"{name} ({dist or 'not installed'} {version or ''}".rstrip() + f") [{module}]")
@@ -62,6 +66,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if comps:
                 print(f"  {family}: {', '.join(comps)}")
     report_failures(reg, sys.stdout)
+    for name in sorted(blocked_plugins()):
+        print(f"{name}: blocked by HCP_BLOCK_PLUGINS")
     return 0
 
 
@@ -95,8 +101,13 @@ TOOLS: Dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcp", description="Fine-tune diffusion models from TOML pipelines.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    # --debug is accepted after the command too; SUPPRESS keeps a leading one from being reset.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("run", help="train a pipeline", epilog=EPILOG)
     _add_config_args(p)

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 import pluggy
 
 from . import hookspecs
+from .errors import PluginConflictError, did_you_mean
 from .registry import FAMILIES, Registry
 
 #: Comma-separated plugin (entry-point) names that are not loaded.
@@ -73,12 +74,25 @@ def make_plugin_manager(registry: Registry, extra_plugins: Iterable[object] = ()
         add(ep.name, module_name, dist)
     for name, module_name in BUILTINS.items():  # a checkout without metadata still has them
         add(name, module_name, "hcp")
+    _check_hook_names(pm, registry)
     for i, plugin in enumerate(extra_plugins):
         name = getattr(plugin, "__name__", f"extra{i}")
         if name not in blocked:
             pm.register(plugin, name=name)
             registry.plugins[name] = (None, None, name)
     return pm
+
+
+def _check_hook_names(pm: pluggy.PluginManager, registry: Registry) -> None:
+    """A misspelt hook (``hcp_register_bucket``) would be ignored silently: report it."""
+    for name, plugin in pm.list_name_plugin():
+        for attr in dir(plugin):
+            if attr.startswith("hcp_") and not hasattr(hookspecs, attr) and callable(getattr(plugin, attr, None)):
+                close = [h for h in dir(hookspecs) if h.startswith("hcp_register_")]
+                dist = registry.plugins.get(name, (None,))[0]
+                registry.failures.append(
+                    (name, dist, f"unknown hook '{attr}'{did_you_mean(attr, close)} (it is never called)")
+                )
 
 
 def build_registry(extra_plugins: Iterable[object] = ()) -> Registry:
@@ -95,6 +109,10 @@ def build_registry(extra_plugins: Iterable[object] = ()) -> Registry:
             fam._owner = (impl.plugin_name, dist)
             try:
                 impl.function(registry=fam)
+            except PluginConflictError:
+                raise
+            except Exception as exc:  # a plugin that breaks while registering is reported, not fatal
+                registry.failures.append((impl.plugin_name, dist, f"hcp_register_{family}: {type(exc).__name__}: {exc}"))
             finally:
                 fam._owner = ("<direct>", None)
     return registry

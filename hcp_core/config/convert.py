@@ -7,6 +7,7 @@ A field whose TOML key is not a Python identifier (``from``) declares it as
 """
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -14,6 +15,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.cols import is_mapping, is_sequence, list_structure_factory
 
 from ..errors import ConfigError, UnknownComponentError, UserError, did_you_mean
 from ..registry import ComponentSpec, Registry
@@ -87,14 +89,13 @@ def make_converter(registry: Registry) -> cattrs.Converter:
                 raise _ValueProblem(f"expected a table, got {_describe(value)}")
             try:
                 return inner(value, cls)
+            except ClassValidationError as exc:
+                _attach_validator_fields(exc, cls)
+                raise
             except (ValueError, TypeError) as exc:
-                # An attrs validator failed in __init__: attach the field so the path is right.
-                field = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], attrs.Attribute) else None
-                if field is None:
+                if _field_of(exc, cls) is None:
                     raise
-                key = _renames(cls).get(field.name, field.name)
-                exc.__notes__ = [cattrs.errors.AttributeValidationNote(f"@ {key}", key, field.type)]
-                raise ClassValidationError(f"While structuring {cls.__name__}", [exc], cls) from None
+                raise ClassValidationError(f"While structuring {cls.__name__}", [_noted(exc, cls)], cls) from None
 
         return structure
 
@@ -120,6 +121,8 @@ def make_converter(registry: Registry) -> cattrs.Converter:
         return structure
 
     conv.register_structure_hook_factory(_is_spec, spec_structure_factory)
+    conv.register_structure_hook_factory(lambda t: is_sequence(t) and typing.get_origin(t) is not tuple, _strict_list(conv))
+    conv.register_structure_hook_factory(is_mapping, _strict_mapping(conv))
 
     def attrs_unstructure_factory(cls: type):
         overrides = {name: override(rename=key) for name, key in _renames(cls).items()}
@@ -130,6 +133,68 @@ def make_converter(registry: Registry) -> cattrs.Converter:
         _is_spec, lambda _cls: lambda spec: {TYPE_KEY: spec.name, **conv.unstructure(spec.config)}
     )
     return conv
+
+
+_QUOTED_FIELD = re.compile(r"^'([A-Za-z_][A-Za-z0-9_]*)' ")
+
+
+def _field_of(exc: BaseException, cls: Optional[type] = None) -> Optional[attrs.Attribute]:
+    """The attrs field a validator error is about.
+
+    attrs' ``in_`` and our validators pass the field as the second argument; its number
+    validators (``ge``, ``lt``...) only name it, quoted, at the start of the message.
+    """
+    args = getattr(exc, "args", ())
+    if len(args) > 1 and isinstance(args[1], attrs.Attribute):
+        return args[1]
+    if cls is not None and args and isinstance(args[0], str) and (m := _QUOTED_FIELD.match(args[0])):
+        return getattr(attrs.fields(cls), m.group(1), None)
+    return None
+
+
+def _noted(exc: BaseException, cls: type) -> BaseException:
+    field = _field_of(exc, cls)
+    assert field is not None
+    key = _renames(cls).get(field.name, field.name)
+    exc.__notes__ = [cattrs.errors.AttributeValidationNote(f"@ {key}", key, field.type)]
+    return exc
+
+
+def _attach_validator_fields(group: ClassValidationError, cls: type) -> None:
+    """cattrs wraps errors raised in ``__init__`` (attrs validators) without a field: add it."""
+    for sub in group.exceptions:
+        notes = getattr(sub, "__notes__", None) or []
+        if not any(isinstance(n, cattrs.errors.AttributeValidationNote) for n in notes) and _field_of(sub, cls) is not None:
+            _noted(sub, cls)
+
+
+def _strict_list(conv: cattrs.Converter):
+    def factory(t: Any):
+        inner = list_structure_factory(t, conv)
+
+        def structure(value: Any, _t: Any) -> Any:
+            # cattrs would iterate a string into characters: "a cat" -> ['a', ' ', 'c', ...].
+            if not isinstance(value, (list, tuple)):
+                raise _ValueProblem(f"expected a list, got {_describe(value)}")
+            return inner(value, t)
+
+        return structure
+
+    return factory
+
+
+def _strict_mapping(conv: cattrs.Converter):
+    def factory(t: Any):
+        inner = conv.gen_structure_mapping(t)
+
+        def structure(value: Any, _t: Any) -> Any:
+            if not isinstance(value, Mapping):
+                raise _ValueProblem(f"expected a table, got {_describe(value)}")
+            return inner(value, t)
+
+        return structure
+
+    return factory
 
 
 def _is_spec(t: Any) -> bool:

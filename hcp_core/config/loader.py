@@ -73,7 +73,7 @@ def parse_override_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        return text.strip()
 
 
 def apply_override(data: MutableMapping[str, Any], item: str) -> None:
@@ -109,8 +109,11 @@ def _index(part: str, node: List[Any], where: str, item: str) -> int:
         node[idx]
         return idx
     except (ValueError, IndexError):
+        listing = where.rpartition(".")[0] or where
+        if not node:
+            raise ConfigError(f"override '{item}': '{listing}' is an empty list; set it whole, e.g. '{listing}=[...]'") from None
         raise ConfigError(
-            f"override '{item}': '{where}' is a list of {len(node)} items; use an index 0..{len(node) - 1}"
+            f"override '{item}': '{listing}' is a list of {len(node)} items; use an index 0..{len(node) - 1}"
         ) from None
 
 

@@ -36,7 +36,7 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
         if required not in raw:
             errors.append(f"{required}: required section missing")
     pipeline: Optional[Pipeline] = None
-    if not errors:
+    if "model" in raw and "data" in raw:  # checked even when other sections are wrong: report all at once
         try:
             pipeline = convert.structure(conv, {**core}, Pipeline)
         except ConfigError as exc:

@@ -19,7 +19,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def _one_of(options: Tuple[str, ...]):
     def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is not None and value not in options:
-            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}", attribute)
 
     return check
 
@@ -27,7 +27,7 @@ def _one_of(options: Tuple[str, ...]):
 def _at_least(low: float):
     def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is not None and value < low:
-            raise ValueError(f"must be at least {low}, got {value!r}")
+            raise ValueError(f"must be at least {low}, got {value!r}", attribute)
 
     return check
 
@@ -108,6 +108,17 @@ class DatasetConfig:
     num_workers: int = attrs.field(default=0, validator=_at_least(0))
     #: Where cached latents live; default ``<exp_dir>/latent_cache``.
     cache_dir: Optional[str] = None
+    #: Colour transparent images (RGBA, LA, paletted with transparency) are composited on.
+    background: str = attrs.field(default="white")
+
+    @background.validator
+    def _check_background(self, attribute: attrs.Attribute, value: str) -> None:
+        from ..data.images import parse_colour  # imports PIL only when a config is checked
+
+        try:
+            parse_colour(value)
+        except ValueError as exc:
+            raise ValueError(str(exc), attribute) from None
 
 
 @attrs.define
@@ -137,7 +148,7 @@ class Pipeline:
     #: Adapter sections, structured by the adapters that claim them:
     #: section name -> list of that adapter's config objects.
     adapters: Dict[str, List[Any]] = attrs.field(factory=dict)
-    #: Directory the top-level config file lives in; relative paths resolve against it.
+    #: Directory relative paths in the pipeline resolve against (the working directory at load).
     base_dir: str = "."
     #: The merged raw TOML tables (what ``hcp config`` prints).
     raw: Dict[str, Any] = attrs.field(factory=dict, repr=False)

@@ -130,12 +130,11 @@ class Trainer:
         self._place_models()
         self.optimizer = build_optimizer(groups, self.cfg.optimizer)
         self.lr_scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.max_steps)
-        prepared = self.accelerator.prepare(*(x for x in (self.optimizer, m.unet if self.train_unet else None,
-                                                          m.text_encoder if self.train_te else None) if x is not None))
-        prepared = list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]
-        self.optimizer = prepared.pop(0)
-        self.unet = prepared.pop(0) if self.train_unet else m.unet
-        self.text_encoder = prepared.pop(0) if self.train_te else m.text_encoder
+        # Models are not wrapped in DDP: gradients of the trained tensors are averaged across
+        # processes in one flat all-reduce per step (_sync_grads), which keeps adapters free to
+        # train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.unet, self.text_encoder = m.unet, m.text_encoder
         self.prompt_encoder = PromptEncoder(m.tokenizer, self.text_encoder, clip_skip=p.model.clip_skip)
         self.ema = Ema(self.trained_params, self.cfg.ema.decay) if self.cfg.ema.enabled else None
         registry = get_registry()
@@ -198,7 +197,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def export(self, step: Optional[int]) -> List[str]:
-        paths: List[str] = []
         if self.ema is not None and step is None:
             with self.ema.swapped_in():
                 return self._export_all(step)
@@ -270,9 +268,8 @@ class Trainer:
                         batches = [s.next_batch() for s in self.streams]
                         loss, value = self._guarded_loss(batches)
                         step_loss += value / cfg.gradient_accumulation
-                        sync = micro == cfg.gradient_accumulation - 1
-                        with self._no_sync(not sync):
-                            acc.backward(loss / cfg.gradient_accumulation)
+                        acc.backward(loss / cfg.gradient_accumulation)
+                    self._sync_grads()
                     if cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)
                     self.optimizer.step()
@@ -310,16 +307,24 @@ class Trainer:
         acc.wait_for_everyone()
         return RunResult(exp_dir=str(self.exp_dir), step=self.step, exports=exports, last_loss=last_loss)
 
-    def _no_sync(self, skip_sync: bool):
-        import contextlib
+    def _sync_grads(self) -> None:
+        """Average the trained tensors' gradients over processes (what DDP would do)."""
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
 
-        if not skip_sync or self.accelerator.num_processes == 1:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        for model in (self.unet if self.train_unet else None, self.text_encoder if self.train_te else None):
-            if model is not None:
-                stack.enter_context(self.accelerator.no_sync(model))
-        return stack
+        params = self.trained_params
+        for prm in params:  # a tensor unused on this rank (a word absent from its prompts) still joins
+            if prm.grad is None:
+                prm.grad = torch.zeros_like(prm)
+        flat = torch.cat([prm.grad.reshape(-1).float() for prm in params])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for prm in params:
+            n = prm.grad.numel()
+            prm.grad.copy_(flat[offset:offset + n].view_as(prm.grad))
+            offset += n
 
     def _guarded_loss(self, batches: List[Dict[str, Any]]) -> tuple[torch.Tensor, float]:
         try:

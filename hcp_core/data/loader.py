@@ -1,0 +1,235 @@
+"""What the training loop uses: every ``[data.<name>]`` as an endless, resumable batch stream.
+
+Typical use in the engine::
+
+    data = build_train_data(pipeline, rank=acc.process_index, world_size=acc.num_processes)
+    data.cache_latents(vae, device=acc.device, wait=acc.wait_for_everyone)  # only datasets with cache_latents
+    data.load_state_dict(checkpoint["data"])                                  # when resuming
+    for step in range(max_steps):
+        batches = data.next_batches()      # {name: batch dict}, one batch from each dataset
+        loss = sum(b["loss_weight"] * loss_of(b) for b in batches.values())
+        ...
+        checkpoint["data"] = data.state_dict()
+
+Each dataset keeps its own epoch: when one runs out of batches it starts its next epoch
+(reshuffled from the seed) while the others carry on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+
+import torch
+
+from ..config.schema import DatasetConfig
+from .dataset import BucketDataset, Collate
+from .images import parse_colour
+from .latent_cache import LatentCache
+from .prepare import DEFAULT_LATENT_FACTOR, PreparedDataset, prepare_dataset
+from .report import bucket_table, problem_summary
+from .sampler import BucketBatchSampler
+
+log = logging.getLogger("hcp.data")
+
+
+class DataStream:
+    """Endless batches of one dataset; :meth:`state_dict` is the position of the next batch."""
+
+    def __init__(
+        self,
+        dataset: BucketDataset,
+        sampler: BucketBatchSampler,
+        collate: Collate,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collate = collate
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.batch = 0  # index (this rank) of the next batch within the epoch
+        self._loader: Optional[torch.utils.data.DataLoader] = None
+        self._iter: Optional[Iterator[Dict[str, Any]]] = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this process draws per epoch (the same on every process)."""
+        return len(self.sampler)
+
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def __iter__(self) -> "DataStream":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        for _ in range(2):  # at most one epoch change per call
+            if self._iter is None:
+                if self._loader is None:
+                    self._loader = self._make_loader()
+                # The sampler is iterated in this process, so setting it here is what workers see.
+                self.sampler.set_position(self.epoch, self.batch)
+                self._iter = iter(self._loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.epoch, self.batch = self.epoch + 1, 0
+                continue
+            batch["epoch"] = self.epoch
+            self.batch += 1
+            return batch
+        raise RuntimeError(f"data.{self.dataset.name}: an epoch produced no batches")  # pragma: no cover
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data to restore the exact position: epoch, next batch, and a size check."""
+        return {"epoch": self.epoch, "batch": self.batch, "samples": len(self.dataset), "batches_per_epoch": len(self.sampler)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved position. If the data changed since, keep the epoch and warn."""
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if state.get("samples", len(self.dataset)) != len(self.dataset) or batch > len(self.sampler):
+            log.warning(
+                "data.%s: the data changed since the checkpoint (%s samples then, %d now); "
+                "continuing from the start of epoch %d", self.dataset.name, state.get("samples"), len(self.dataset), epoch,
+            )
+            batch = 0
+        self.epoch, self.batch = epoch, batch
+        self.close()
+
+    def close(self) -> None:
+        """Stop workers; the next batch starts a fresh loader at the current position."""
+        self._iter = None
+        self._loader = None
+
+
+class TrainData:
+    """The parallel datasets of a pipeline: one batch from each per training step."""
+
+    def __init__(self, streams: Dict[str, DataStream], prepared: Dict[str, PreparedDataset], caches: Dict[str, LatentCache]) -> None:
+        self.streams = streams
+        self.prepared = prepared
+        self.caches = caches
+
+    @property
+    def loss_weights(self) -> Dict[str, float]:
+        """Each dataset's ``loss_weight``."""
+        return {name: p.config.loss_weight for name, p in self.prepared.items()}
+
+    def next_batches(self) -> Dict[str, Dict[str, Any]]:
+        """One batch from every dataset, keyed by dataset name (in pipeline order)."""
+        return {name: next(stream) for name, stream in self.streams.items()}
+
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Every dataset's position (save it in checkpoints)."""
+        return {name: stream.state_dict() for name, stream in self.streams.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore :meth:`state_dict`; a dataset missing from ``state`` starts at the beginning."""
+        for name, stream in self.streams.items():
+            if name in state:
+                stream.load_state_dict(state[name])
+            else:
+                log.warning("data.%s: not in the checkpoint; it starts from its first batch", name)
+
+    def cache_latents(
+        self,
+        vae: Any,
+        *,
+        device: Any = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        batch_size: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        wait: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Fill the latent caches of datasets with ``cache_latents = true``, then serve latents.
+
+        Call before the first batch. With several processes pass ``wait`` (a barrier such as
+        ``accelerator.wait_for_everyone``): every rank encodes its share, waits, then reads all.
+        """
+        readers = {}
+        for name, cache in self.caches.items():
+            stream = self.streams[name]
+            readers[name] = cache.fill(
+                stream.dataset, vae, device=device, dtype=dtype, batch_size=batch_size, rank=rank, world_size=world_size
+            )
+        if wait is not None and self.caches:
+            wait()
+        for name, reader in readers.items():
+            self.streams[name].dataset.use_latents(reader)
+            self.streams[name].close()
+
+    def close(self) -> None:
+        """Stop every DataLoader's workers."""
+        for stream in self.streams.values():
+            stream.close()
+
+
+def build_train_data(
+    pipeline: Any,
+    *,
+    registry: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+    latent_factor: int = DEFAULT_LATENT_FACTOR,
+    verify_images: bool = False,
+    pin_memory: bool = False,
+) -> TrainData:
+    """Scan, bucket and wrap every ``pipeline.data`` dataset; logs each bucket table and problems.
+
+    ``pipeline`` is a :class:`~hcp_core.config.schema.Pipeline`. Unusable files are skipped and
+    summarised in the log; a dataset with no usable image raises
+    :class:`~hcp_core.errors.DataError`.
+    """
+    streams: Dict[str, DataStream] = {}
+    prepared_all: Dict[str, PreparedDataset] = {}
+    caches: Dict[str, LatentCache] = {}
+    for name, config in pipeline.data.items():
+        prepared = prepare_dataset(
+            name,
+            config,
+            registry=registry,
+            base_dir=pipeline.base_dir,
+            seed=pipeline.seed,
+            verify_images=verify_images,
+            latent_factor=latent_factor,
+        )
+        log.info("%s", bucket_table(prepared))
+        if prepared.problems:
+            log.warning("%s", problem_summary(name, prepared.problems))
+        dataset = BucketDataset(prepared, seed=pipeline.seed, latent_factor=latent_factor, background=parse_colour(config.background))
+        sampler = BucketBatchSampler(
+            dataset.bucket_members(), config.batch_size, seed=pipeline.seed, name=name, rank=rank, world_size=world_size
+        )
+        streams[name] = DataStream(dataset, sampler, Collate(name, config.loss_weight), num_workers=config.num_workers, pin_memory=pin_memory)
+        prepared_all[name] = prepared
+        cache = _latent_cache(name, config, prepared, pipeline)
+        if cache is not None:
+            caches[name] = cache
+    return TrainData(streams, prepared_all, caches)
+
+
+def _latent_cache(name: str, config: DatasetConfig, prepared: PreparedDataset, pipeline: Any) -> Optional[LatentCache]:
+    if not config.cache_latents:
+        return None
+    if not prepared.bucket.deterministic:
+        log.warning(
+            "data.%s: cache_latents is on but the bucket crops at random; latents are computed every step "
+            "(set crop = \"center\" on the bucket to cache them)", name,
+        )
+        return None
+    root = config.cache_dir or os.path.join(pipeline.exp_dir, "latent_cache")
+    return LatentCache(os.path.join(pipeline.base_dir, root))
+

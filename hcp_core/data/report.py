@@ -1,0 +1,106 @@
+"""Text reports on datasets: the bucket table and the problem list (``hcp check`` and run logs)."""
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional, Sequence, TextIO
+
+from ..errors import UserError
+from ..interfaces import Problem
+from .prepare import EmptyDatasetError, PreparedDataset, prepare_dataset
+
+#: How many problems a training log lists before pointing at ``hcp check``.
+LOG_PROBLEM_LIMIT = 20
+
+
+def bucket_table(prepared: PreparedDataset) -> str:
+    """The bucket table of one dataset: size, ratio, counts, batches and mean aspect error."""
+    cfg = prepared.config
+    stats = prepared.stats()
+    header = (
+        f"data.{prepared.name}: {len(prepared.records)} images, {prepared.num_samples} samples per epoch "
+        f"(with repeats), bucket {cfg.bucket.name}, {len(stats)} bucket(s), batch_size {cfg.batch_size}, "
+        f"{sum(s.batches for s in stats)} batches per epoch, loss_weight {cfg.loss_weight:g}"
+    )
+    rows = [("bucket", "size (WxH)", "ratio", "images", "samples", "batches", "mean aspect error")]
+    for s in stats:
+        w, h = s.size
+        rows.append((str(s.index), f"{w}x{h}", f"{w / h:.3f}", str(s.images), str(s.samples), str(s.batches),
+                     f"{100 * s.mean_aspect_error:.1f}%"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [header]
+    for r in rows:
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [c.rjust(widths[i + 2]) for i, c in enumerate(r[2:])]
+        lines.append("  " + "  ".join(cells))
+    lines += [f"  note: {n}" for n in bucket_notes(prepared)]
+    return "\n".join(lines)
+
+
+def bucket_notes(prepared: PreparedDataset) -> List[str]:
+    """Remarks on the table: empty buckets, buckets smaller than a batch."""
+    notes = [str(n) for n in getattr(prepared.bucket, "notes", [])]  # optional bucket remarks
+    bs = prepared.config.batch_size
+    for s in prepared.stats():
+        w, h = s.size
+        if s.samples == 0:
+            notes.append(f"bucket {s.index} ({w}x{h}) has no images; it is never drawn")
+        elif s.samples < bs:
+            notes.append(
+                f"bucket {s.index} ({w}x{h}) has {s.samples} sample(s), fewer than batch_size {bs}: "
+                f"its batch repeats them"
+            )
+    return notes
+
+
+def format_problems(problems: Sequence[Problem], limit: Optional[int] = None) -> str:
+    """One line per problem ("path: what (action)"), sorted by path; ``limit`` shortens the list."""
+    ordered = sorted(problems, key=lambda p: (p.path, p.what))
+    shown = ordered if limit is None else ordered[:limit]
+    lines = [f"  {p}" for p in shown]
+    if len(ordered) > len(shown):
+        lines.append(f"  ... and {len(ordered) - len(shown)} more (run `hcp check` to list them all)")
+    return "\n".join(lines)
+
+
+def problem_summary(name: str, problems: Sequence[Problem]) -> str:
+    """The short form for training logs: counts, then the first problems."""
+    skipped = sum(1 for p in problems if p.action == "skipped")
+    return (
+        f"data.{name}: {len(problems)} file problem(s), {skipped} image(s) skipped; training goes on with the rest:\n"
+        + format_problems(problems, LOG_PROBLEM_LIMIT)
+    )
+
+
+def check_pipeline(
+    pipeline: Any, out: TextIO = sys.stdout, *, registry: Any = None, strict: bool = False, verify_images: bool = True
+) -> bool:
+    """What ``hcp check`` prints for the data: per dataset the bucket table and every problem.
+
+    Images are decoded in full (a header cannot reveal a truncated file) unless
+    ``verify_images`` is False (headers only: fast, but truncated files go unnoticed). Returns
+    False when a dataset cannot be trained at all, or, with ``strict``, when any file has a problem.
+    """
+    ok = True
+    for name, config in pipeline.data.items():
+        try:
+            prepared = prepare_dataset(
+                name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed, verify_images=verify_images
+            )
+        except EmptyDatasetError as exc:
+            print(f"data.{name}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)
+            print(format_problems(exc.problems), file=out)
+            ok = False
+            continue
+        except UserError as exc:
+            print(f"data.{name}: ERROR: {exc}", file=out)
+            ok = False
+            continue
+        print(bucket_table(prepared), file=out)
+        if prepared.problems:
+            print(f"data.{name}: {len(prepared.problems)} problem(s):", file=out)
+            print(format_problems(prepared.problems), file=out)
+            ok = ok and not strict
+        else:
+            print(f"data.{name}: no problems found", file=out)
+        if config.cache_latents and not prepared.bucket.deterministic:
+            print(f"data.{name}: note: cache_latents needs crop = \"center\"; with random crops latents are not cached", file=out)
+    return ok

@@ -1,0 +1,100 @@
+"""Same-bucket batches, shuffled per epoch from the seed, split evenly over processes, resumable.
+
+One epoch, for one dataset: every sample (image x repeat) once, in batches that each come from a
+single bucket. A bucket whose sample count is not a multiple of ``batch_size`` fills its last
+batch by repeating its own samples (so a bucket smaller than ``batch_size`` still trains, with
+repeats inside the batch). The batch list is shuffled, then padded by repeating its first batches
+until it divides evenly by the number of processes; rank r takes batches r, r + N, ...
+
+The order is a pure function of (seed, dataset name, epoch), so a run resumed at
+(epoch, batch) sees exactly the batches it would have seen.
+
+Pure Python, no torch: the DataLoader accepts any iterable as ``batch_sampler``.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+#: What the sampler yields per sample: (sample index, epoch). The dataset seeds the sample's
+#: random choices (crop, template, tag shuffle) from both, so resumed runs repeat them exactly.
+SampleKey = Tuple[int, int]
+
+
+class BucketBatchSampler:
+    """Yields this rank's batches of one epoch, from the current position on."""
+
+    def __init__(
+        self,
+        buckets: Sequence[Sequence[int]],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        name: str = "",
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.buckets = [list(b) for b in buckets]
+        if not any(self.buckets):
+            raise ValueError("every bucket is empty")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.name = name
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.total_batches = sum(math.ceil(len(b) / batch_size) for b in self.buckets)
+        self.epoch = 0
+        self.batch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch for each rank (the same on every rank, every epoch)."""
+        return math.ceil(self.total_batches / self.world_size)
+
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """All ranks' batches of ``epoch``, in order, padded to a multiple of ``world_size``."""
+        rng = random.Random(f"hcp-batches:{self.seed}:{self.name}:{epoch}")
+        batches: List[List[int]] = []
+        for members in self.buckets:
+            if not members:
+                continue
+            order = list(members)
+            if self.shuffle:
+                rng.shuffle(order)
+            short = (-len(order)) % self.batch_size
+            order += [order[i % len(order)] for i in range(short)]
+            batches.extend(order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        short = (-len(batches)) % self.world_size
+        batches += [batches[i % len(batches)] for i in range(short)]
+        return batches
+
+    def rank_batches(self, epoch: int) -> List[List[int]]:
+        """This rank's batches of ``epoch``."""
+        return self.epoch_batches(epoch)[self.rank :: self.world_size]
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        """Where the next iteration starts: batch ``batch`` (0-based, this rank) of ``epoch``."""
+        if epoch < 0 or not 0 <= batch <= len(self):
+            raise ValueError(f"position (epoch {epoch}, batch {batch}) is outside 0..{len(self)} batches")
+        self.epoch, self.batch = epoch, batch
+
+    def __iter__(self) -> Iterator[List[SampleKey]]:
+        epoch = self.epoch
+        for indices in self.rank_batches(epoch)[self.batch :]:
+            yield [(i, epoch) for i in indices]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position as plain data."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.set_position(int(state["epoch"]), int(state["batch"]))

@@ -1,0 +1,187 @@
+"""Batches: one bucket per batch, per-epoch shuffles from the seed, equal batches per rank, resume."""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from hcp_core.config import build_pipeline
+from hcp_core.data.loader import build_train_data
+from hcp_core.data.sampler import BucketBatchSampler
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128)]
+SIZES = [(96, 64), (64, 96), (80, 80), (128, 64), (64, 64), (100, 70), (70, 100)]
+
+
+def make_folder(root, n, *, masks=False, seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        size = SIZES[i % len(SIZES)]
+        Image.new("RGB", size, COLOURS[i % len(COLOURS)]).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"tag{i}, colour{i % len(COLOURS)}")
+        if masks and i % 2 == 0:
+            (root / "masks").mkdir(exist_ok=True)
+            Image.new("L", size, 255).save(root / "masks" / f"{i:03d}.png")
+    return root
+
+
+def pipeline(tmp_path, datasets, seed=0):
+    raw = {"model": {"pretrained": "unused"}, "seed": seed, "exp_dir": str(tmp_path / "run"), "data": datasets}
+    return build_pipeline(raw, base_dir=str(tmp_path))
+
+
+RATIO = {"type": "ratio", "from": "images", "target_area": 64 * 64, "step": 16, "num_buckets": 3}
+
+
+# ----------------------------------------------------------------------------- sampler
+def test_epoch_covers_every_sample_once_in_single_bucket_batches():
+    buckets = [list(range(0, 10)), list(range(10, 13)), list(range(13, 30))]
+    sampler = BucketBatchSampler(buckets, 4, seed=1)
+    batches = sampler.epoch_batches(0)
+    which = {i: b for b, members in enumerate(buckets) for i in members}
+    assert all(len(set(which[i] for i in batch)) == 1 and len(batch) == 4 for batch in batches)
+    counts = Counter(i for batch in batches for i in batch)
+    assert set(counts) == set(range(30))
+    # Padding repeats samples of the same bucket only: 10 -> 12, 3 -> 4, 17 -> 20.
+    assert sum(counts.values()) == 36 and len(batches) == len(sampler) == 9
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    buckets = [list(range(20)), list(range(20, 40))]
+    a = BucketBatchSampler(buckets, 5, seed=3, name="ds")
+    b = BucketBatchSampler(buckets, 5, seed=3, name="ds")
+    assert a.epoch_batches(0) == b.epoch_batches(0)
+    assert a.epoch_batches(0) != a.epoch_batches(1)
+    assert a.epoch_batches(0) != BucketBatchSampler(buckets, 5, seed=4, name="ds").epoch_batches(0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_rank_gets_the_same_number_of_batches(world_size):
+    buckets = [list(range(7)), list(range(7, 10)), list(range(10, 23))]
+    ranks = [BucketBatchSampler(buckets, 2, seed=0, rank=r, world_size=world_size) for r in range(world_size)]
+    lengths = {len(list(s)) for s in ranks}
+    assert lengths == {len(ranks[0])}
+    global_batches = ranks[0].epoch_batches(0)
+    per_rank = [s.rank_batches(0) for s in ranks]
+    assert sorted(map(tuple, (b for r in per_rank for b in r))) == sorted(map(tuple, global_batches))
+    assert len(global_batches) % world_size == 0
+
+
+def test_bucket_smaller_than_batch_size_repeats_its_images():
+    sampler = BucketBatchSampler([[0, 1], [2, 3, 4, 5, 6]], 4, seed=0)
+    batches = sampler.epoch_batches(0)
+    small = [b for b in batches if set(b) <= {0, 1}]
+    assert len(small) == 1 and sorted(small[0]) == [0, 0, 1, 1]
+
+
+# ----------------------------------------------------------------------------- dataset and batches
+def test_batches_have_one_bucket_size_and_the_right_pixels(tmp_path):
+    make_folder(tmp_path / "a", 14)
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 3, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]}}))
+    stream = data.streams["ds"]
+    seen = Counter()
+    for _ in range(stream.batches_per_epoch):
+        batch = data.next_batches()["ds"]
+        px = batch["pixel_values"]
+        b, c, h, w = px.shape
+        assert b == 3 and c == 3 and h % 16 == 0 and w % 16 == 0 and abs(h * w - 4096) / 4096 < 0.2
+        assert (batch["target_size_hw"] == torch.tensor([h, w])).all()
+        assert px.min() >= -1 and px.max() <= 1
+        assert batch["weight_map"] is None and batch["epoch"] == 0 and batch["loss_weight"] == 1.0
+        for i, path in enumerate(batch["images"]):
+            # Each image is one flat colour, so every pixel must be that colour in [-1, 1].
+            colour = Image.open(path).getpixel((0, 0))
+            want = torch.tensor(colour, dtype=torch.float32).div(127.5).sub(1).view(3, 1, 1)
+            assert torch.allclose(px[i], want.expand(3, h, w), atol=1e-5)
+            n = int(path.rsplit("/", 1)[1][:3])
+            assert batch["prompts"][i] == f"tag{n}, colour{n % len(COLOURS)}"
+            ow, oh = SIZES[n % len(SIZES)]
+            assert batch["original_size_hw"][i].tolist() == [oh, ow]
+            seen[path] += 1
+    assert len(seen) == 14  # one epoch saw every image
+    assert data.next_batches()["ds"]["epoch"] == 1
+
+
+def test_masks_travel_with_the_batch(tmp_path):
+    make_folder(tmp_path / "m", 6, masks=True)
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 6, "bucket": {"type": "fixed", "target_size": [64, 64]},
+                                                     "sources": [{"type": "image_folder", "img_root": "m", "att_mask": "m/masks"}]}}))
+    batch = data.next_batches()["ds"]
+    wm = batch["weight_map"]
+    assert wm.shape == (6, 1, 8, 8)
+    for i, path in enumerate(batch["images"]):
+        n = int(path.rsplit("/", 1)[1][:3])
+        assert torch.allclose(wm[i], torch.full((1, 8, 8), 5.0 if n % 2 == 0 else 1.0))
+
+
+def test_parallel_datasets_each_step_with_their_loss_weights(tmp_path):
+    make_folder(tmp_path / "a", 5)
+    make_folder(tmp_path / "b", 9, seed=1)
+    data = build_train_data(pipeline(tmp_path, {
+        "main": {"batch_size": 2, "loss_weight": 1.0, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]},
+        "reg": {"batch_size": 1, "loss_weight": 0.3, "bucket": {"type": "fixed", "target_size": [32, 32]},
+                "sources": [{"type": "image_folder", "img_root": "b", "prompt_template": "a photo"}]},
+    }))
+    assert data.loss_weights == {"main": 1.0, "reg": 0.3}
+    epochs = Counter()
+    for _ in range(12):
+        batches = data.next_batches()
+        assert list(batches) == ["main", "reg"]
+        assert batches["reg"]["pixel_values"].shape == (1, 3, 32, 32) and batches["reg"]["loss_weight"] == 0.3
+        assert batches["reg"]["prompts"] == ["a photo"]
+        epochs[(batches["main"]["epoch"], batches["reg"]["epoch"])] += 1
+    # Each dataset runs its own epochs: "main" has fewer batches per epoch than "reg".
+    assert data.streams["main"].epoch > data.streams["reg"].epoch
+
+
+def test_resume_restores_the_exact_data_order(tmp_path):
+    make_folder(tmp_path / "a", 11)
+    p = pipeline(tmp_path, {"ds": {"batch_size": 2, "bucket": {**RATIO, "crop": "random"},
+                                   "sources": [{"type": "image_folder", "img_root": "a", "text_transforms": [{"type": "tag_shuffle"}]}]}}, seed=7)
+    first = build_train_data(p)
+    for _ in range(9):  # into the second epoch
+        first.next_batches()
+    state = first.state_dict()
+    expected = [first.next_batches()["ds"] for _ in range(5)]
+    resumed = build_train_data(p)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = resumed.next_batches()["ds"]
+        assert got["images"] == want["images"] and got["prompts"] == want["prompts"] and got["epoch"] == want["epoch"]
+        assert torch.equal(got["crop_top_left"], want["crop_top_left"]) and torch.equal(got["pixel_values"], want["pixel_values"])
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    make_folder(tmp_path / "a", 6)
+    ds = {"batch_size": 2, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]}
+    inline = build_train_data(pipeline(tmp_path, {"ds": ds}))
+    workers = build_train_data(pipeline(tmp_path, {"ds": {**ds, "num_workers": 1}}))
+    for _ in range(4):
+        a, b = inline.next_batches()["ds"], workers.next_batches()["ds"]
+        assert a["images"] == b["images"] and torch.equal(a["pixel_values"], b["pixel_values"])
+    workers.close()
+
+
+def test_a_file_that_breaks_mid_run_is_replaced_not_fatal(tmp_path, caplog):
+    root = make_folder(tmp_path / "a", 8)
+    data_bytes = (root / "003.png").read_bytes()
+    (root / "003.png").write_bytes(data_bytes[: len(data_bytes) // 2])  # header intact, pixels cut
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 2, "bucket": {"type": "fixed", "target_size": [32, 32]},
+                                                     "sources": [{"type": "image_folder", "img_root": "a"}]}}))
+    with caplog.at_level(logging.WARNING, logger="hcp.data"):
+        images = [p for _ in range(8) for p in data.next_batches()["ds"]["images"]]
+    assert not any(p.endswith("003.png") for p in images) and len(images) == 16
+    assert "003.png" in caplog.text and "skipping" in caplog.text
+
+
+def test_batch_size_larger_than_the_data_repeats_images(tmp_path):
+    make_folder(tmp_path / "a", 3)
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 5, "bucket": {"type": "fixed", "target_size": [32, 32]},
+                                                     "sources": [{"type": "image_folder", "img_root": "a"}]}}))
+    batch = data.next_batches()["ds"]
+    assert batch["pixel_values"].shape[0] == 5 and len(set(batch["images"])) == 3

@@ -68,8 +68,10 @@ def test_every_rank_gets_the_same_number_of_batches(world_size):
     assert lengths == {len(ranks[0])}
     global_batches = ranks[0].epoch_batches(0)
     per_rank = [s.rank_batches(0) for s in ranks]
-    assert sorted(map(tuple, (b for r in per_rank for b in r))) == sorted(map(tuple, global_batches))
-    assert len(global_batches) % world_size == 0
+    # Step k's rank slices together are global batch k, which equals one process's batch k at
+    # batch_size x world_size: N processes train on what one bigger process would.
+    assert [sum((r[k] for r in per_rank), []) for k in range(len(global_batches))] == global_batches
+    assert global_batches == BucketBatchSampler(buckets, 2 * world_size, seed=0).epoch_batches(0)
 
 
 def test_bucket_smaller_than_batch_size_repeats_its_images():

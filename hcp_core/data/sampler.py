@@ -1,10 +1,12 @@
 """Same-bucket batches, shuffled per epoch from the seed, split evenly over processes, resumable.
 
-One epoch, for one dataset: every sample (image x repeat) once, in batches that each come from a
-single bucket. A bucket whose sample count is not a multiple of ``batch_size`` fills its last
-batch by repeating its own samples (so a bucket smaller than ``batch_size`` still trains, with
-repeats inside the batch). The batch list is shuffled, then padded by repeating its first batches
-until it divides evenly by the number of processes; rank r takes batches r, r + N, ...
+One epoch, for one dataset: every sample (image x repeat) once, in *global* batches of
+``batch_size x world_size`` samples that each come from a single bucket. A bucket whose sample
+count is not a multiple of that fills its last batch by repeating its own samples (so a bucket
+smaller than a batch still trains, with repeats inside the batch). The batch list is shuffled;
+rank r takes slice r of every global batch. So every rank gets the same number of batches, and
+N processes with ``batch_size`` b train on exactly the global batches one process with
+``batch_size`` N x b would.
 
 The order is a pure function of (seed, dataset name, epoch), so a run resumed at
 (epoch, batch) sees exactly the batches it would have seen.
@@ -49,16 +51,17 @@ class BucketBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
-        self.total_batches = sum(math.ceil(len(b) / batch_size) for b in self.buckets)
+        self.global_batch = batch_size * world_size
+        self.total_batches = sum(math.ceil(len(b) / self.global_batch) for b in self.buckets)
         self.epoch = 0
         self.batch = 0
 
     def __len__(self) -> int:
         """Batches per epoch for each rank (the same on every rank, every epoch)."""
-        return math.ceil(self.total_batches / self.world_size)
+        return self.total_batches
 
     def epoch_batches(self, epoch: int) -> List[List[int]]:
-        """All ranks' batches of ``epoch``, in order, padded to a multiple of ``world_size``."""
+        """The global batches of ``epoch`` (``batch_size x world_size`` samples each), in order."""
         rng = random.Random(f"hcp-batches:{self.seed}:{self.name}:{epoch}")
         batches: List[List[int]] = []
         for members in self.buckets:
@@ -67,18 +70,18 @@ class BucketBatchSampler:
             order = list(members)
             if self.shuffle:
                 rng.shuffle(order)
-            short = (-len(order)) % self.batch_size
+            size = self.global_batch
+            short = (-len(order)) % size
             order += [order[i % len(order)] for i in range(short)]
-            batches.extend(order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            batches.extend(order[i : i + size] for i in range(0, len(order), size))
         if self.shuffle:
             rng.shuffle(batches)
-        short = (-len(batches)) % self.world_size
-        batches += [batches[i % len(batches)] for i in range(short)]
         return batches
 
     def rank_batches(self, epoch: int) -> List[List[int]]:
-        """This rank's batches of ``epoch``."""
-        return self.epoch_batches(epoch)[self.rank :: self.world_size]
+        """This rank's slice of every global batch of ``epoch``."""
+        lo = self.rank * self.batch_size
+        return [batch[lo : lo + self.batch_size] for batch in self.epoch_batches(epoch)]
 
     def set_position(self, epoch: int, batch: int) -> None:
         """Where the next iteration starts: batch ``batch`` (0-based, this rank) of ``epoch``."""

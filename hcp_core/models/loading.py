@@ -55,6 +55,7 @@ def load_models(
             + ", ".join(repr(p) for p in PREDICTION_TYPES[:2])
             + " or leave it out to use the scheduler config's"
         )
+    _quiet_loaders()
     torch_dtype = _torch_dtype(dtype)
     path = Path(pretrained).expanduser()
     if not path.exists():
@@ -86,6 +87,15 @@ def load_models(
 
 
 # --------------------------------------------------------------------------- diffusers folders
+def _quiet_loaders() -> None:
+    """Per-file "Loading weights" bars drown the training log; hcp reports loading itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
     """Load each part of a diffusers SD folder with its own class."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

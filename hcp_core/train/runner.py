@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..interfaces import AdapterContext, LossInputs, ModelBundle
 from ..plugins import get_registry
 from . import checkpoint as ckpt
-from .diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
+from .diffusion import draw_noise_and_timesteps, min_snr_weights, sample_seed, snr, training_target
 from .ema import Ema
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
@@ -101,17 +101,20 @@ class Trainer:
 
         from ..models.loading import load_models
         from ..models.text_encoding import PromptEncoder
-        from .data_stream import build_streams
+        from ..data.loader import build_train_data
 
         p = self.p
         set_seed(p.seed)
         if self.is_main:
             (self.exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
         self.models: ModelBundle = load_models(p.model.pretrained, prediction_type=p.model.prediction_type)
-        self.streams = build_streams(p, self.accelerator)
+        acc = self.accelerator
+        self.data = build_train_data(p, rank=acc.process_index, world_size=acc.num_processes,
+                                     latent_factor=_latent_factor(self.models.vae))
+        first = next(iter(self.data.prepared.values()))
         context = AdapterContext(
             exp_dir=str(self.exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
-            resolution=self.streams[0].resolution, seed=p.seed,
+            resolution=tuple(first.bucket_sizes[0]), seed=p.seed,
         )
         self.adapters = build_adapters(p, context)
         groups: List[Dict[str, Any]] = []
@@ -128,6 +131,8 @@ class Trainer:
         self.train_unet = any(prm.requires_grad for prm in m.unet.parameters())
         self.train_te = any(prm.requires_grad for prm in m.text_encoder.parameters())
         self._place_models()
+        self.data.cache_latents(self.models.vae, device=acc.device, rank=acc.process_index,
+                                world_size=acc.num_processes, wait=acc.wait_for_everyone)
         self.optimizer = build_optimizer(groups, self.cfg.optimizer)
         self.lr_scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.cfg.max_steps)
         # Models are not wrapped in DDP: gradients of the trained tensors are averaged across
@@ -179,7 +184,7 @@ class Trainer:
             out.update({f"{name}/{k}": v for k, v in adapter.trainable_state().items()})
         return out
 
-    def save(self, data_state: List[Dict[str, Any]]) -> None:
+    def save(self, data_state: Dict[str, Any]) -> None:
         """Checkpoint (all ranks wait) and export user-facing files; main process writes."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
@@ -218,38 +223,59 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"]:
             self.ema.load_state_dict(state["ema"])
-        for stream, s in zip(self.streams, state["data"]):
-            stream.load_state_dict(s)
+        self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the loop
-    def micro_step_loss(self, batches: List[Dict[str, Any]]) -> tuple[torch.Tensor, float]:
+    def latents_of(self, batch: Dict[str, Any], sample_ids: List[int]) -> torch.Tensor:
+        """Scaled VAE latents of a batch: cached ones, or encoded now (sampled per sample)."""
+        dev = self.accelerator.device
+        if "latents" in batch:
+            return batch["latents"].to(dev)
+        vae = self.models.vae
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(dev, dtype=vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            eps = torch.stack([
+                torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+                    sample_seed(self.p.seed, self.step, sid, stream=1)))
+                for sid in sample_ids
+            ]).to(dev)
+            z = dist.mean.float() + dist.std.float() * eps
+            shift = getattr(vae.config, "shift_factor", None)
+            if shift is not None:
+                z = z - shift
+            return z * vae.config.scaling_factor
+
+    def micro_step_loss(self, batches: Dict[str, Dict[str, Any]]) -> tuple[torch.Tensor, float]:
         """Weighted sum over datasets of the per-dataset mean loss for one micro-step."""
         total = None
-        for ordinal, (stream, batch) in enumerate(zip(self.streams, batches)):
-            latents = stream.latents(batch, self.models.vae, self.accelerator.device, seed=self.p.seed, step=self.step)
-            ids = [ordinal * 1_000_000_000 + int(i) for i in batch["index"]]
+        scheduler = self.models.scheduler
+        for ordinal, batch in enumerate(batches.values()):
+            # Sample ids are stable across batch layouts and process counts (see diffusion.py).
+            ids = [ordinal * 1_000_000_000 + int(i) for i in batch["indices"]]
+            latents = self.latents_of(batch, ids)
             noise, t = draw_noise_and_timesteps(
                 latents, ids, seed=self.p.seed, step=self.step,
-                num_train_timesteps=self.models.scheduler.config.num_train_timesteps, noise_offset=self.cfg.noise_offset,
+                num_train_timesteps=scheduler.config.num_train_timesteps, noise_offset=self.cfg.noise_offset,
             )
-            noisy = self.models.scheduler.add_noise(latents, noise, t)
-            with torch.set_grad_enabled(self.train_te):
-                hidden = self.prompt_encoder(batch["prompt"])
+            noisy = scheduler.add_noise(latents, noise, t)
+            with torch.set_grad_enabled(self.train_te), self.accelerator.autocast():
+                hidden = self.prompt_encoder(batch["prompts"])
             with self.accelerator.autocast():
                 pred = self.unet(noisy, t, encoder_hidden_states=hidden).sample
-            target = training_target(self.models.scheduler, latents, noise, t, self.models.prediction_type)
+            target = training_target(scheduler, latents, noise, t, self.models.prediction_type)
             weight_map = batch.get("weight_map")
-            snr_values = snr(self.models.scheduler, t)
+            snr_values = snr(scheduler, t)
             loss_fn = self.masked_loss_fn if weight_map is not None else self.loss_fn
             per_sample = loss_fn(pred.float(), target.float(), LossInputs(
                 timesteps=t, weight_map=None if weight_map is None else weight_map.to(pred.device), snr=snr_values))
             w = min_snr_weights(snr_values, self.cfg.min_snr_gamma, self.models.prediction_type)
             if w is not None:
                 per_sample = per_sample * w
-            term = per_sample.mean() * stream.loss_weight
+            term = per_sample.mean() * batch["loss_weight"]
             total = term if total is None else total + term
         assert total is not None
         return total, float(total.detach())
@@ -261,11 +287,11 @@ class Trainer:
         last_saved = self.step
         try:
             while self.step < cfg.max_steps:
-                data_state = [s.state_dict() for s in self.streams]
+                data_state = self.data.state_dict()
                 try:
                     step_loss = 0.0
                     for micro in range(cfg.gradient_accumulation):
-                        batches = [s.next_batch() for s in self.streams]
+                        batches = self.data.next_batches()
                         loss, value = self._guarded_loss(batches)
                         step_loss += value / cfg.gradient_accumulation
                         acc.backward(loss / cfg.gradient_accumulation)
@@ -292,12 +318,14 @@ class Trainer:
                     for g in self.optimizer.param_groups:
                         self.writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], self.step)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save([s.state_dict() for s in self.streams])
+                    self.save(self.data.state_dict())
                     last_saved = self.step
         finally:
             progress.close()
+        self.data.close()
         if self.step > last_saved or last_saved == 0:
-            self.save([s.state_dict() for s in self.streams])
+            self.save(self.data.state_dict())
+        self._check_ranks_agree()
         exports: List[str] = []
         if self.is_main:
             exports = self.export(None)
@@ -326,12 +354,28 @@ class Trainer:
             prm.grad.copy_(flat[offset:offset + n].view_as(prm.grad))
             offset += n
 
-    def _guarded_loss(self, batches: List[Dict[str, Any]]) -> tuple[torch.Tensor, float]:
+    def _check_ranks_agree(self) -> None:
+        """Every process must end with bit-identical trained weights; say so or fail loudly."""
+        n = self.accelerator.num_processes
+        if n == 1:
+            return
+        import hashlib
+
+        digest = hashlib.sha256()
+        for prm in self.trained_params:
+            digest.update(prm.detach().float().cpu().numpy().tobytes())
+        words = torch.tensor(list(digest.digest()[:16]), dtype=torch.int64, device=self.accelerator.device)
+        gathered = self.accelerator.gather(words.reshape(1, -1)).reshape(n, -1)
+        if not all(torch.equal(gathered[0], row) for row in gathered):
+            raise RuntimeError("processes ended with different trained weights; gradients were not synchronised")
+        log.info("all %d processes hold identical trained weights (sha256 %s...)", n, digest.hexdigest()[:12])
+
+    def _guarded_loss(self, batches: Dict[str, Dict[str, Any]]) -> tuple[torch.Tensor, float]:
         try:
             loss, value = self.micro_step_loss(batches)
         except torch.OutOfMemoryError:
-            sizes = ", ".join(f"{s.name}: batch {s.batch_size} at {b['pixel_values'].shape[-1]}x{b['pixel_values'].shape[-2]}"
-                              for s, b in zip(self.streams, batches))
+            sizes = ", ".join(f"data.{name}: batch {len(b['indices'])} at {b['target_size_hw'][0][1]}x{b['target_size_hw'][0][0]}"
+                              for name, b in batches.items())
             raise UserError(f"out of memory at step {self.step + 1} ({sizes}); lower batch_size or the resolution, "
                             "or enable model.gradient_checkpointing / mixed precision") from None
         if self.accelerator.num_processes > 1:
@@ -344,6 +388,11 @@ class Trainer:
                 "Lower the learning rate, check the data, or use mixed_precision = \"no\"."
             )
         return loss, value
+
+
+def _latent_factor(vae: Any) -> int:
+    """Pixels per latent side: 2 ** (number of VAE down blocks - 1), 8 for SD."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def run(pipeline: Pipeline, *, resume: Optional[str] = None) -> RunResult:

@@ -20,6 +20,9 @@ from hcp_core.models.layer_select import select_modules
 class FinetuneAdapter:
     """Unfreezes the selected modules; exports the trained tensors under their diffusers names."""
 
+    #: Layers are selected by their original names, so this attaches before wrapping adapters (LoRA).
+    attach_order = -10
+
     def __init__(self, sections: Mapping[str, List[Any]], *, context: AdapterContext) -> None:
         self.sections = sections
         self.context = context

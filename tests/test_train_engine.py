@@ -1,7 +1,7 @@
 """The training engine end to end on the demo model: run folder, resume, failures, fine-tune groups."""
 from __future__ import annotations
 
-import os
+import math
 import signal
 import subprocess
 import sys
@@ -110,7 +110,9 @@ def test_a_missing_model_folder_exits_2_without_a_traceback(tmp_path, demo_data_
     [
         ("lora_unet=[{ layers = ['re:.*\\.atn2$'] }]", "'re:.*\\.atn2$' matches no module"),
         ("unet=[{ layers = ['down_blocks.0.attentions.0.transformer_blocks.0.atn1'] }]",
-         "Did you mean 'down_blocks.0.attentions.0.transformer_blocks.0.attn1'"),
+         "unet[0].layers: layer name 'down_blocks.0.attentions.0.transformer_blocks.0.atn1' matches no module"
+         " of the UNet2DConditionModel. Names are those of model.named_modules(); near ones: "
+         "'down_blocks.0.attentions.0.transformer_blocks.0.attn1'"),
     ],
     ids=["regex-matches-nothing", "name-with-suggestion"],
 )
@@ -161,3 +163,33 @@ sources = [{{ type = "image_folder", img_root = "{demo_data_dir}" }}]
                                                  save_every=0) + "")
     hcp_core.run(hcp_core.load_config(cfg, ["train.gradient_accumulation=2"]))
     assert seen == [{"ds": (1.0, 2), "reg": (0.25, 1)}] * 6
+
+
+def test_options_together_masks_cache_ema_bf16_min_snr_v_prediction(tmp_path, demo_model_dir, demo_data_dir, monkeypatch) -> None:
+    from hcp_core.train import runner
+
+    used = []
+    original = runner.Trainer.micro_step_loss
+
+    def spy(self, batches):
+        b = batches["ds"]
+        used.append(("latents" in b, b["weight_map"] is not None, self.models.prediction_type))
+        return original(self, batches)
+
+    monkeypatch.setattr(runner.Trainer, "micro_step_loss", spy)
+    exp = tmp_path / "exp"
+    cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, masks=True, max_steps=3))
+    result = hcp_core.run(hcp_core.load_config(cfg, [
+        "train.ema={ enabled = true, decay = 0.5 }", 'model.mixed_precision="bf16"', "train.min_snr_gamma=5.0",
+        'model.prediction_type="v_prediction"', "data.ds.cache_latents=true", "train.noise_offset=0.05",
+    ]))
+    assert math.isfinite(result.last_loss)
+    assert used and all(u == (True, u[1], "v_prediction") for u in used) and any(u[1] for u in used)
+    assert list((exp / "latent_cache").rglob("*.safetensors")), "latents were not cached"
+    raw = trained_tensors(exp)
+    exported = load_file(str(exp / "lora.safetensors"))
+    # The final export holds the EMA weights, which lag the raw ones.
+    key = next(k for k in raw if k.endswith("lora_up.weight"))
+    assert key.startswith("lora/")
+    assert any(not torch.equal(exported[k], v) for k, v in load_file(str(exp / "lora-3.safetensors")).items()
+               if k.endswith("lora_up.weight"))

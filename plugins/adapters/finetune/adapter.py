@@ -34,7 +34,7 @@ class FinetuneAdapter:
         for target, configs in self.sections.items():
             model = models.part(target)
             for gi, cfg in enumerate(configs):
-                selected = select_modules(model, list(cfg.layers), what=f"[[{target}]] group {gi}")
+                selected = select_modules(model, list(cfg.layers), what=f"{target}[{gi}].layers")
                 names: Dict[str, torch.nn.Parameter] = {}
                 for mod_name, module in selected.items():
                     for p_name, param in module.named_parameters():

@@ -172,6 +172,11 @@ class Adapter(Protocol):
 
     ``sections`` maps a model part ("unet", "text_encoder") to the list of structured configs
     from every pipeline section this adapter owns that targets that part.
+
+    Optional members: ``attach_order`` (int, default 0; lower attaches first — fine-tuning,
+    which selects layers by their original names, uses -10 so it runs before LoRA wraps them)
+    and ``wrap_prompt_encoder(encoder) -> encoder`` (called once after attach; prompt tuning
+    returns an encoder that expands custom words into their token vectors).
     """
 
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:

@@ -141,6 +141,10 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.unet, self.text_encoder = m.unet, m.text_encoder
         self.prompt_encoder = PromptEncoder(m.tokenizer, self.text_encoder, clip_skip=p.model.clip_skip)
+        for _, adapter in self.adapters:  # e.g. prompt tuning expands custom words into their tokens
+            wrap = getattr(adapter, "wrap_prompt_encoder", None)
+            if wrap is not None:
+                self.prompt_encoder = wrap(self.prompt_encoder)
         self.ema = Ema(self.trained_params, self.cfg.ema.decay) if self.cfg.ema.enabled else None
         registry = get_registry()
         spec = self.cfg.loss

@@ -37,6 +37,10 @@ class Component:
     #: Adapters only: top-level pipeline sections this adapter owns, mapped to the model part
     #: they target, e.g. ``{"lora_unet": "unet", "lora_text_encoder": "text_encoder"}``.
     sections: Mapping[str, str] = attrs.field(factory=dict)
+    #: Adapters only: an optional run-wide options table, ``(section name, attrs config class)``,
+    #: e.g. ``("lora", LoraOptions)`` for ``[lora]``; its structured value reaches the factory
+    #: as ``options=`` (defaults when the table is absent).
+    options: Optional[tuple[str, type]] = None
 
     def load(self) -> Callable[..., Any]:
         """Import and return the factory (the import happens here, not at registration)."""
@@ -69,6 +73,7 @@ class FamilyRegistry:
         factory: str,
         doc: Optional[str] = None,
         sections: Optional[Mapping[str, str]] = None,
+        options: Optional[tuple[str, type]] = None,
     ) -> Component:
         """Register component ``name`` with its attrs ``config`` class and ``"module:attr"`` factory."""
         if not attrs.has(config):
@@ -92,6 +97,7 @@ class FamilyRegistry:
             distribution=dist,
             doc=(doc if doc is not None else (config.__doc__ or "")).strip(),
             sections=dict(sections or {}),
+            options=options,
         )
         self._components[name] = comp
         return comp
@@ -152,6 +158,10 @@ class Registry:
     @property
     def losses(self) -> FamilyRegistry:
         return self.families["losses"]
+
+    def adapter_options(self) -> Dict[str, Component]:
+        """Options-table section name -> the adapter component that owns it."""
+        return {comp.options[0]: comp for comp in self.adapters if comp.options}
 
     def adapter_sections(self) -> Dict[str, tuple[Component, str]]:
         """Top-level pipeline section -> (adapter component, target model part)."""

@@ -26,11 +26,12 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
     registry = registry or get_registry()
     conv = convert.make_converter(registry)
     sections = registry.adapter_sections()
+    option_tables = registry.adapter_options()
     core = {k: v for k, v in raw.items() if k in _TOML_FIELDS}
     errors: List[str] = []
     for key in raw:
-        if key not in _TOML_FIELDS and key not in sections:
-            known = [*_TOML_FIELDS, *sorted(sections)]
+        if key not in _TOML_FIELDS and key not in sections and key not in option_tables:
+            known = [*_TOML_FIELDS, *sorted(sections), *sorted(option_tables)]
             errors.append(f"{key}: unknown section.{did_you_mean(key, known)} Known: {', '.join(known)}.")
     for required in ("model", "data"):
         if required not in raw:
@@ -57,12 +58,18 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
             ]
         except ConfigError as exc:
             errors.extend(_lines(exc))
+    options: Dict[str, Any] = {}
+    for section, comp in option_tables.items():
+        try:
+            options[section] = convert.structure(conv, raw.get(section, {}), comp.options[1], section)
+        except ConfigError as exc:
+            errors.extend(_lines(exc))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     assert pipeline is not None
     if not pipeline.data:
         raise ConfigError("data: define at least one dataset, e.g. [data.dataset1] with sources and a bucket")
-    return attrs.evolve(pipeline, adapters=adapters, base_dir=str(base_dir), raw=dict(raw))
+    return attrs.evolve(pipeline, adapters=adapters, adapter_options=options, base_dir=str(base_dir), raw=dict(raw))
 
 
 def _lines(exc: ConfigError) -> List[str]:
@@ -83,7 +90,9 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), registry
 
 def pipeline_to_dict(pipeline: Pipeline, registry: Optional[Registry] = None) -> Dict[str, Any]:
     """The resolved pipeline (defaults filled in) as plain data, ready for TOML."""
-    conv = convert.make_converter(registry or get_registry())
+    registry = registry or get_registry()
+    conv = convert.make_converter(registry)
+    owners = registry.adapter_options()
     out: Dict[str, Any] = {}
     for name in _TOML_FIELDS:
         value = getattr(pipeline, name)
@@ -91,6 +100,10 @@ def pipeline_to_dict(pipeline: Pipeline, registry: Optional[Registry] = None) ->
             out[name] = convert.unstructure(conv, value)
     for section, items in pipeline.adapters.items():
         out[section] = [convert.unstructure(conv, item) for item in items]
+    for section, value in pipeline.adapter_options.items():
+        in_use = any(name in pipeline.adapters for name in owners[section].sections)
+        if section in pipeline.raw or in_use:
+            out[section] = convert.unstructure(conv, value)
     return _drop_none(out)
 
 

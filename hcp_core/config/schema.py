@@ -148,6 +148,8 @@ class Pipeline:
     #: Adapter sections, structured by the adapters that claim them:
     #: section name -> list of that adapter's config objects.
     adapters: Dict[str, List[Any]] = attrs.field(factory=dict)
+    #: Adapter options tables (e.g. ``[lora]``), structured: section name -> config object.
+    adapter_options: Dict[str, Any] = attrs.field(factory=dict)
     #: Directory relative paths in the pipeline resolve against (the working directory at load).
     base_dir: str = "."
     #: The merged raw TOML tables (what ``hcp config`` prints).

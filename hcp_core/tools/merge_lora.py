@@ -1,0 +1,156 @@
+"""``hcp tools merge-lora``: fold LoRA files into a model and write it as a new diffusers folder.
+
+The output folder is a copy of the input with the merged UNet and text encoder weights; the text
+encoder is written with the standard ``text_model.``-prefixed keys, which transformers 4 and 5,
+webui and ComfyUI all read (transformers 5's own ``save_pretrained`` leaves the prefix out, and
+transformers 4 then silently starts from random weights). Optionally one original-layout
+single-file checkpoint is written too (SD 1.x).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def parse_lora_arg(value: str) -> Tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` -> (path, weight); a drive letter's colon is not a weight."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path and not weight.startswith(("\\", "/")):
+        try:
+            return path, float(weight)
+        except ValueError:
+            raise UserError(f"--lora {value!r}: the weight after ':' must be a number, like {path}:0.8") from None
+    return value, 1.0
+
+
+def _stored_dtype(part_dir: Path):
+    """The tensor type of the first weight in a part folder (merged weights are saved back in it)."""
+    import torch
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for file in sorted(part_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                return names.get(f.get_slice(key).get_dtype(), torch.float32)
+    return torch.float32
+
+
+def text_encoder_state(text_encoder) -> Dict[str, "object"]:
+    """The text encoder's weights under standard (transformers 4, webui) names: ``text_model.*``."""
+    from hcp_plugins.adapters.lora.naming import canonical_path
+
+    return {canonical_path("text_encoder", text_encoder, k): v for k, v in text_encoder.state_dict().items()}
+
+
+def _clear_weights(part_dir: Path) -> None:
+    for file in part_dir.iterdir():
+        if file.is_file() and (file.name.endswith(WEIGHT_SUFFIXES) or file.name.endswith(".index.json")):
+            file.unlink()
+
+
+def _save(tensors: Dict[str, "object"], path: Path, dtype) -> None:
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(path), metadata={"format": "pt"})
+
+
+def merge_lora(
+    model: str | Path,
+    loras: Sequence[Tuple[str, float]],
+    out: str | Path,
+    single_file: Optional[str | Path] = None,
+) -> Path:
+    """Merge ``loras`` ((path, weight) pairs) into the diffusers folder ``model``; write ``out``.
+
+    Returns the output folder. ``single_file`` also writes an original-layout ``.safetensors``.
+    """
+    from hcp_plugins.adapters.lora.merge import apply_lora_file
+
+    from ..models.loading import load_models
+
+    src, dst = Path(model), Path(out)
+    if not (src / "model_index.json").is_file():
+        raise UserError(f"--model {src}: not a diffusers model folder (no model_index.json)")
+    if not loras:
+        raise UserError("name at least one --lora FILE[:WEIGHT]")
+    if dst.exists() and any(dst.iterdir()):
+        raise UserError(f"--out {dst} exists and is not empty; choose a new folder")
+    if dst.resolve() == src.resolve():
+        raise UserError("--out must differ from --model")
+
+    models = load_models(str(src))
+    for path, weight in loras:
+        apply_lora_file(models, path, weight, kind=models.kind)
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    unet_dtype, te_dtype = _stored_dtype(src / "unet"), _stored_dtype(src / "text_encoder")
+    _clear_weights(dst / "unet")
+    _save(models.unet.state_dict(), dst / "unet" / "diffusion_pytorch_model.safetensors", unet_dtype)
+    _clear_weights(dst / "text_encoder")
+    _save(text_encoder_state(models.text_encoder), dst / "text_encoder" / "model.safetensors", te_dtype)
+
+    if single_file is not None:
+        write_single_file(models, Path(single_file), unet_dtype)
+    return dst
+
+
+def write_single_file(models, path: Path, dtype) -> Path:
+    """Write ``models`` (SD 1.x) as one original-layout checkpoint at ``path``."""
+    from .ldm_checkpoint import sd1_checkpoint
+
+    # SD 2.x keeps an OpenCLIP text encoder (1024 wide, plain gelu) under another key layout.
+    te_config = models.text_encoder.config
+    if models.kind != "sd" or te_config.hidden_size == 1024 or te_config.hidden_act == "gelu":
+        raise UserError(
+            "--single-file: only SD 1.x models (OpenAI CLIP text encoder) can be written as one file so far; "
+            "use the diffusers folder for this model."
+        )
+    if path.suffix != ".safetensors":
+        raise UserError(f"--single-file {path}: give a .safetensors path")
+    state = sd1_checkpoint(
+        models.unet.state_dict(), dict(models.unet.config),
+        models.vae.state_dict(), dict(models.vae.config),
+        text_encoder_state(models.text_encoder),
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(state, path, dtype)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``hcp tools merge-lora``."""
+    parser = argparse.ArgumentParser(
+        prog="hcp tools merge-lora",
+        description="Merge LoRA files into a model's weights and save the result as a diffusers folder.",
+    )
+    parser.add_argument("--model", required=True, help="the base model: a diffusers folder")
+    parser.add_argument(
+        "--lora", required=True, action="append", metavar="FILE[:WEIGHT]",
+        help="a LoRA .safetensors (kohya or PEFT layout), optionally with a weight (default 1.0); repeat for several",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="the new diffusers folder (must not exist or be empty)")
+    parser.add_argument("--single-file", help="also write one original-layout .safetensors checkpoint (SD 1.x)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; user errors propagate as :class:`UserError` for the CLI to print."""
+    args = build_parser().parse_args(argv)
+    loras = [parse_lora_arg(v) for v in args.lora]
+    out = merge_lora(args.model, loras, args.out, args.single_file)
+    merged = ", ".join(f"{path} x {weight:g}" for path, weight in loras)
+    print(f"merged {merged} into {out}" + (f" and {args.single_file}" if args.single_file else ""))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

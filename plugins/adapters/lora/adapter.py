@@ -1,0 +1,346 @@
+"""The ``lora`` adapter: puts LoRA branches into the chosen layers, trains and exports them.
+
+Built by the training engine as ``build_lora_adapter(sections, context=...)`` where ``sections``
+maps a model part ("unet", "text_encoder") to the list of :class:`LoraGroupConfig` of every
+``[[lora_unet]]`` / ``[[lora_text_encoder]]`` table. Settings for the files it writes come from
+the ``[lora]`` table (:class:`LoraOptions`), handed over as ``context.extra["lora"]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from hcp_core.errors import ConfigError, UserError
+from hcp_core.interfaces import AdapterContext, ModelBundle
+from hcp_core.models.layer_select import LayerSelectionError, select_layers
+
+from .config import LoraGroupConfig, LoraOptions
+from .layer import LoraBranch, attach_branch, detach_branch, rank_for
+from .lora_file import LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
+from .naming import canonical_path, kohya_prefix
+from .svd import export_factors, max_svd_rank, restore_svd_start, svd_init
+from .weights import ExportLayer, LoraWeights
+
+log = logging.getLogger(__name__)
+
+#: Pipeline section of each model part (for messages; the registration claims the same names).
+SECTIONS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
+FINAL_NAME = "lora.safetensors"
+
+
+@dataclass
+class LoraLayer:
+    """One injected branch and where it lives."""
+
+    target: str
+    name: str  # native module path in its model part
+    group: str  # "lora_unet[0]"
+    host: nn.Module
+    branch: LoraBranch
+
+
+def lora_file_name(step: Optional[int]) -> str:
+    """``lora.safetensors`` for the final export, ``lora-<step>.safetensors`` for checkpoints."""
+    return FINAL_NAME if step is None else f"lora-{step}.safetensors"
+
+
+def options_from(value: Any) -> LoraOptions:
+    """Structure the ``[lora]`` table (a mapping, a LoraOptions or None) with dotted-path errors."""
+    if value is None:
+        return LoraOptions()
+    if isinstance(value, LoraOptions):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"lora: expected a table, got {value!r}")
+    from hcp_core.config import convert
+    from hcp_core.plugins import get_registry
+
+    return convert.structure(convert.make_converter(get_registry()), dict(value), LoraOptions, "lora")
+
+
+class LoraAdapter:
+    """See the module docstring; the methods are the Adapter protocol plus :meth:`detach`."""
+
+    def __init__(
+        self,
+        sections: Mapping[str, Sequence[LoraGroupConfig]],
+        *,
+        context: AdapterContext,
+        options: Any = None,
+    ) -> None:
+        self.sections = {target: list(groups) for target, groups in sections.items() if groups}
+        self.context = context
+        self.options = options_from(options if options is not None else context.extra.get("lora"))
+        self.layers: Dict[str, LoraLayer] = {}  # "<part>.<path>" -> layer
+        self._files: Dict[str, LoraFile] = {}
+        self._kind = "sd"
+
+    # ------------------------------------------------------------------ attach
+    def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
+        """Inject a branch into every selected layer; one optimizer parameter group per config group.
+
+        On an error nothing stays attached.
+        """
+        if self.layers:
+            raise RuntimeError("this LoRA adapter is already attached")
+        self._kind = getattr(models, "kind", "sd") or "sd"
+        param_groups: List[Dict[str, Any]] = []
+        seeded_from: Dict[str, set] = {}  # init_from file -> layers taken from it
+        try:
+            for target, groups in self.sections.items():
+                section = SECTIONS.get(target, target)
+                try:
+                    model = models.part(target)
+                except ValueError as exc:
+                    raise UserError(f"{section}: {exc}") from None
+                owner: Dict[str, str] = {}  # layer -> the group that has it
+                for index, group in enumerate(groups):
+                    label = f"{section}[{index}]"
+                    params = self._attach_group(label, group, target, model, owner, seeded_from)
+                    param_groups.append({"params": params, "lr": group.lr, "name": label})
+        except BaseException:
+            self.detach()
+            raise
+        self._warn_unused(seeded_from)
+        return param_groups
+
+    def _attach_group(
+        self, label: str, group: LoraGroupConfig, target: str, model: nn.Module,
+        owner: Dict[str, str], seeded_from: Dict[str, set],
+    ) -> List[nn.Parameter]:  # fmt: skip
+        hosts = lora_hosts(model, group.layers, what=f"{label}.layers")
+        seed: LayerWeights = {}
+        if group.init_from:
+            seed = self._seed_layers(label, group, target, model)
+            taken = set(seed) & {(target, n) for n in hosts}
+            seeded_from.setdefault(self._resolve(group.init_from), set()).update(taken)
+        params: List[nn.Parameter] = []
+        for name, host in hosts.items():
+            if name in owner:
+                raise LayerSelectionError(
+                    f"{label}.layers: layer '{name}' is already in {owner[name]}; "
+                    "a layer carries one LoRA, so narrow one group's layers"
+                )
+            owner[name] = label
+            if group.svd_init and host.weight.requires_grad and (target, name) not in seed:
+                # svd_init rewrites the host weight; a fine-tune group exporting it would then save
+                # the reduced weight instead of the trained one.
+                raise UserError(
+                    f"{label}: svd_init on layer '{name}', whose weight is also trained (a fine-tune group "
+                    "selects it); drop svd_init for this group or leave the layer out of the fine-tune group"
+                )
+            branch = self._make_branch(target, name, host, group, seed.get((target, name)))
+            attach_branch(host, branch)
+            self.layers[f"{target}.{name}"] = LoraLayer(target, name, label, host, branch)
+            params += [branch.down.weight, branch.up.weight]
+        return params
+
+    def _make_branch(
+        self, target: str, name: str, host: nn.Module, group: LoraGroupConfig, seed: Optional[LoraWeights]
+    ) -> LoraBranch:
+        if seed is not None:  # continue from a file: its rank and alpha win
+            branch = LoraBranch(host, seed.rank, seed.alpha, group.dropout)
+            with torch.no_grad():
+                branch.down.weight.copy_(seed.down)
+                branch.up.weight.copy_(seed.up)
+        else:
+            rank = rank_for(group.rank, host.weight.shape[0])
+            if group.svd_init:
+                rank = min(rank, max_svd_rank(host))
+            branch = LoraBranch(host, rank, group.alpha, group.dropout)
+            if group.svd_init:
+                svd_init(host, branch)
+            else:
+                branch.reset(self._generator(f"{target}.{name}"))
+        branch.requires_grad_(True)  # the engine may have frozen the whole model before attach
+        return branch
+
+    def _generator(self, name: str) -> torch.Generator:
+        # Per-layer seeds: a layer's start does not depend on which other layers were chosen.
+        return torch.Generator().manual_seed((self.context.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.context.base_dir, path))
+
+    def _seed_layers(self, label: str, group: LoraGroupConfig, target: str, model: nn.Module) -> LayerWeights:
+        """The layers of ``group``'s file that belong to ``target``, checked against the model."""
+        path = self._resolve(group.init_from or "")
+        if path not in self._files:
+            try:
+                self._files[path] = read_lora_file(path)
+            except UserError as exc:
+                raise UserError(f"{label}.init_from: {exc}") from None
+        lora = self._files[path]
+        layers = match_layers(_only_target(lora, target, self._kind), {target: model}, self._kind)
+        if not layers:
+            raise UserError(
+                f"{label}.init_from: {path} holds no LoRA weights for the {target} "
+                f"(its layers: {', '.join(list(lora.weights)[:3])}, ...)"
+            )
+        return layers
+
+    def _warn_unused(self, seeded_from: Mapping[str, set]) -> None:
+        for path, used in seeded_from.items():
+            unused = len(self._files[path].weights) - len(used)
+            if unused:
+                log.warning(
+                    "%s: %d layer(s) of this LoRA file are in no group that seeds from it; they are not used",
+                    path, unused,
+                )
+
+    # ------------------------------------------------------------------ state
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        """``<part>.<path>.lora_down.weight`` / ``.lora_up.weight`` (and svd_init's starting factors)."""
+        state: Dict[str, torch.Tensor] = {}
+        for key, layer in self.layers.items():
+            b = layer.branch
+            state[f"{key}.lora_down.weight"] = b.down.weight.detach()
+            state[f"{key}.lora_up.weight"] = b.up.weight.detach()
+            if b.svd_down0 is not None:
+                state[f"{key}.svd_down0"] = b.svd_down0
+                state[f"{key}.svd_up0"] = b.svd_up0
+        return state
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`trainable_state`; a checkpoint from other LoRA settings is an error."""
+        expected = self.trainable_state()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            parts = []
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong)):
+                if keys:
+                    parts.append(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+            raise UserError(
+                "the checkpoint's LoRA does not match this pipeline's LoRA groups (" + "; ".join(parts) + ")"
+            )
+        with torch.no_grad():
+            for key, layer in self.layers.items():
+                b = layer.branch
+                b.down.weight.copy_(state[f"{key}.lora_down.weight"])
+                b.up.weight.copy_(state[f"{key}.lora_up.weight"])
+                if b.svd_down0 is not None:
+                    restore_svd_start(layer.host, b, state[f"{key}.svd_down0"], state[f"{key}.svd_up0"])
+
+    # ------------------------------------------------------------------ export
+    def export_layers(self, models: ModelBundle) -> List[ExportLayer]:
+        """Every layer as a file would hold it (relative to the ORIGINAL base weights)."""
+        out = []
+        for layer in self.layers.values():
+            down, up, alpha = export_factors(layer.branch)
+            path = canonical_path(layer.target, models.part(layer.target), layer.name)
+            out.append(ExportLayer(layer.target, path, LoraWeights(down, up, alpha)))
+        return out
+
+    def export(self, models: ModelBundle, out_dir: str, step: Optional[int]) -> List[str]:
+        """Write ``lora.safetensors`` (``step`` None) or ``lora-<step>.safetensors`` into ``out_dir``."""
+        layers = self.export_layers(models)
+        path = os.path.join(out_dir, lora_file_name(step))
+        meta = self.metadata(models, layers, step)
+        opts = self.options
+        write_lora_file(path, layers, fmt=opts.format, kind=self._kind, metadata=meta, dtype=opts.save_dtype)
+        return [path]
+
+    def metadata(self, models: ModelBundle, layers: Sequence[ExportLayer], step: Optional[int]) -> Dict[str, str]:
+        """kohya's ``ss_*`` training facts plus hcp's own ``hcp_*`` notes (all strings)."""
+        ctx = self.context
+        ranks = Counter(l.weights.rank for l in layers)
+        alphas = Counter(float(l.weights.alpha) for l in layers)
+        steps = step if step is not None else ctx.extra.get("max_steps")
+        te = getattr(models, "text_encoder", None)
+        hidden = getattr(getattr(te, "config", None), "hidden_size", 768)
+        base_version = "sdxl_base_v1-0" if self._kind == "sdxl" else ("sd_v2" if hidden == 1024 else "sd_v1")
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.most_common(1)[0][0]),
+            "ss_network_alpha": _number(alphas.most_common(1)[0][0]),
+            "ss_sd_model_name": os.path.basename(os.path.normpath(models.source)) if models.source else "",
+            "ss_base_model_version": base_version,
+            "ss_v2": str(base_version == "sd_v2"),
+            # webui counts clip skip from 1 (= no skip); hcp's model.clip_skip counts from 0.
+            "ss_clip_skip": str(ctx.clip_skip + 1),
+            "ss_resolution": f"({ctx.resolution[0]}, {ctx.resolution[1]})" if ctx.resolution else "None",
+            "ss_seed": str(ctx.seed),
+            "hcp_clip_skip": str(ctx.clip_skip),
+            "hcp_format": self.options.format,
+            "hcp_groups": json.dumps(self._group_summary(), sort_keys=True),
+        }
+        if steps is not None:
+            meta["ss_steps"] = str(steps)
+        if "max_steps" in ctx.extra:
+            meta["ss_max_train_steps"] = str(ctx.extra["max_steps"])
+        svd_layers = [l for l in self.layers.values() if l.branch.svd_down0 is not None]
+        if svd_layers:
+            meta["hcp_svd_init"] = (
+                f"{len(svd_layers)} layer(s) used svd_init; each is stored relative to the original base weights "
+                "as trained factors stacked with the negated starting factors, so its rank here is twice the "
+                "configured rank (alpha doubled, scale unchanged)"
+            )
+        return meta
+
+    def _group_summary(self) -> List[Dict[str, Any]]:
+        out = []
+        for target, groups in self.sections.items():
+            for i, g in enumerate(groups):
+                out.append({
+                    "section": f"{SECTIONS.get(target, target)}[{i}]", "rank": g.rank, "alpha": g.alpha,
+                    "svd_init": g.svd_init, "layers": list(g.layers),
+                })
+        return out
+
+    # ------------------------------------------------------------------ detach
+    def detach(self) -> None:
+        """Take every branch out of the model again (host weights as before :meth:`attach`)."""
+        for layer in self.layers.values():
+            detach_branch(layer.host)
+        self.layers.clear()
+
+
+def lora_hosts(model: nn.Module, patterns: Sequence[str], *, what: str) -> Dict[str, nn.Module]:
+    """The layers ``patterns`` cover that can carry a LoRA: Linear, and Conv2d with groups=1.
+
+    Grouped convolutions inside a selected container are left out; naming one is an error.
+    """
+    out: Dict[str, nn.Module] = {}
+    for name, module in select_layers(model, patterns, what=what).items():
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            if name in patterns:
+                raise LayerSelectionError(
+                    f"{what}: layer '{name}' is a grouped convolution (groups={module.groups}); "
+                    "LoRA works on nn.Linear and on nn.Conv2d with groups=1"
+                )
+            continue
+        out[name] = module
+    if not out:
+        raise LayerSelectionError(f"{what}: the selected layers are all grouped convolutions, which LoRA cannot use")
+    return out
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _only_target(lora: LoraFile, target: str, kind: str) -> LoraFile:
+    """The part of ``lora`` that belongs to model part ``target``."""
+    if lora.layout == "kohya":
+        prefix = kohya_prefix(target, kind) + "_"
+        keep = {k: v for k, v in lora.weights.items() if k.startswith(prefix)}
+    else:
+        keep = {k: v for k, v in lora.weights.items() if k.startswith(target + ".")}
+    return LoraFile(lora.path, lora.layout, keep, lora.metadata)
+
+
+def build_lora_adapter(
+    sections: Mapping[str, Sequence[LoraGroupConfig]], *, context: AdapterContext, options: Any = None
+) -> LoraAdapter:
+    """The registered factory (see :class:`LoraAdapter`)."""
+    return LoraAdapter(sections, context=context, options=options)

@@ -1,0 +1,99 @@
+"""What a ``[[lora_unet]]`` / ``[[lora_text_encoder]]`` group and the ``[lora]`` table hold.
+
+Light on purpose (attrs only, no torch): plugin discovery imports it. Validators raise
+``ValueError(message, attribute)`` so the config converter reports the dotted path.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Union
+
+import attrs
+
+from hcp_core.models.layer_select import compile_pattern
+
+EXPORT_FORMATS = ("kohya", "peft")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _fail(attribute: attrs.Attribute, message: str) -> None:
+    raise ValueError(message, attribute)
+
+
+def _check_lr(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        _fail(attribute, f"must be 0 or more, got {value!r}")
+
+
+def _check_rank(inst: Any, attribute: attrs.Attribute, value: Union[int, float]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(attribute, f"must be an integer rank or a fraction of the output channels, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            _fail(attribute, f"an integer rank must be at least 1, got {value!r}")
+    elif not 0.0 < value <= 1.0:
+        hint = f"; for a fixed rank write rank = {int(value)}" if value > 1 and float(value).is_integer() else ""
+        _fail(
+            attribute,
+            f"a float rank is a fraction of the layer's output channels and must be in (0, 1], got {value!r}{hint}",
+        )
+
+
+def _check_alpha(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        _fail(attribute, f"must be greater than 0 (scale = alpha / rank), got {value!r}")
+
+
+def _check_dropout(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        _fail(attribute, f"must be in [0, 1), got {value!r}")
+
+
+def _check_layers(inst: Any, attribute: attrs.Attribute, value: List[str]) -> None:
+    if not value:
+        _fail(attribute, "list at least one layer name or 're:' pattern")
+    for pattern in value:
+        if not isinstance(pattern, str) or not pattern:
+            _fail(attribute, f"layer patterns must be non-empty strings, got {pattern!r}")
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            _fail(attribute, str(exc))
+
+
+def _check_init_from(inst: Any, attribute: attrs.Attribute, value: Optional[str]) -> None:
+    if value is not None and not value.endswith(".safetensors"):
+        _fail(attribute, f"must be a .safetensors LoRA file, got {value!r}")
+
+
+@attrs.define
+class LoraGroupConfig:
+    """One LoRA group: which layers get a LoRA, its rank and scale, and its learning rate.
+
+    Output of a layer = host(x) + (alpha / rank) * up(down(dropout(x))); ``up`` starts at zero.
+    """
+
+    #: Layer names from ``model.named_modules()`` or ``re:`` patterns; a container means every
+    #: nn.Linear and nn.Conv2d inside it.
+    layers: List[str] = attrs.field(validator=_check_layers)
+    lr: float = attrs.field(default=1e-4, validator=_check_lr)
+    #: An int is the rank; a float in (0, 1] is a fraction of each layer's output channels
+    #: (``max(1, round(out * rank))``).
+    rank: Union[int, float] = attrs.field(default=4, validator=_check_rank)
+    alpha: float = attrs.field(default=1.0, validator=_check_alpha)
+    dropout: float = attrs.field(default=0.0, validator=_check_dropout)
+    #: Start from the host weight's top singular vectors (the host keeps the rest, so the
+    #: model's output at step 0 is unchanged).
+    svd_init: bool = False
+    #: A LoRA .safetensors file (kohya or PEFT layout) whose weights seed this group's layers;
+    #: those layers take the file's rank and alpha. Relative to the pipeline's folder.
+    init_from: Optional[str] = attrs.field(default=None, validator=_check_init_from)
+
+
+@attrs.define
+class LoraOptions:
+    """The ``[lora]`` table: how LoRA files are written (one setting per run, not per group)."""
+
+    #: "kohya" (webui/ComfyUI/diffusers keys) or "peft" (diffusers' own PEFT layout).
+    format: str = attrs.field(default="kohya", validator=attrs.validators.in_(EXPORT_FORMATS))
+    #: Tensor type of the exported file.
+    save_dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(SAVE_DTYPES))

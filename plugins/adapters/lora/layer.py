@@ -1,0 +1,129 @@
+"""The LoRA branch: a low-rank update added to the output of one nn.Linear or nn.Conv2d.
+
+``host(x) + scale * up(down(dropout(x)))`` with ``scale = alpha / rank``. For a convolution,
+``down`` is a convolution with the host's kernel, stride, padding, dilation and padding mode and
+``up`` is 1x1, so the update equals a convolution with kernel ``scale * up @ down`` (what merging
+and every LoRA file format assume).
+
+The branch is registered *inside* its host (as ``host.hcp_lora``) so that moving the model
+(``.to(device)``, DDP, accelerate) moves and synchronises it too, and it runs through a forward
+hook so the host keeps its class and its parameter names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+#: Attribute name of the branch inside its host.
+BRANCH_ATTR = "hcp_lora"
+
+
+def rank_for(rank: int | float, out_channels: int) -> int:
+    """The actual rank: an int as is, a float as a fraction of ``out_channels`` (at least 1)."""
+    if isinstance(rank, float):
+        return max(1, int(round(out_channels * rank)))
+    return int(rank)
+
+
+def host_shape(host: nn.Module) -> Tuple[int, int]:
+    """(input features or channels, output features or channels) of a Linear/Conv2d."""
+    if isinstance(host, nn.Linear):
+        return host.in_features, host.out_features
+    if isinstance(host, nn.Conv2d):
+        return host.in_channels, host.out_channels
+    raise TypeError(f"LoRA needs an nn.Linear or nn.Conv2d, got {type(host).__name__}")
+
+
+class LoraBranch(nn.Module):
+    """The trainable low-rank part; see the module docstring for the formula."""
+
+    #: Tells layer selection not to look inside (see hcp_core.models.layer_select).
+    hcp_adapter_branch = True
+
+    def __init__(self, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        in_ch, out_ch = host_shape(host)
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": host.weight.device, "dtype": torch.float32}
+        if isinstance(host, nn.Conv2d):
+            self.down = nn.Conv2d(
+                in_ch, rank, host.kernel_size, stride=host.stride, padding=host.padding,
+                dilation=host.dilation, padding_mode=host.padding_mode, bias=False, **factory,
+            )
+            self.up = nn.Conv2d(rank, out_ch, 1, bias=False, **factory)
+        else:
+            self.down = nn.Linear(in_ch, rank, bias=False, **factory)
+            self.up = nn.Linear(rank, out_ch, bias=False, **factory)
+        # svd_init: the factors the host weight was reduced by (empty when not used).
+        self.register_buffer("svd_down0", None, persistent=False)
+        self.register_buffer("svd_up0", None, persistent=False)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def reset(self, generator: Optional[torch.Generator] = None) -> None:
+        """Standard LoRA start: ``down`` like a default Linear init, ``up`` zero (no change at step 0)."""
+        w = self.down.weight
+        fan_in = w[0].numel()
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform with a=sqrt(5), as nn.Linear does
+        with torch.no_grad():
+            w.copy_(torch.empty(w.shape, dtype=w.dtype).uniform_(-bound, bound, generator=generator))
+            self.up.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.down.weight.dtype
+        return self.up(self.down(self.dropout(x.to(dtype)))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale * up @ down`` shaped like the host weight, in float32."""
+        return delta_from_factors(self.down.weight, self.up.weight, self.scale)
+
+
+def delta_from_factors(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * up @ down`` for Linear (2-D) or Conv2d (4-D, ``up`` 1x1) factors, in float32."""
+    rank = down.shape[0]
+    flat = up.reshape(up.shape[0], rank).float() @ down.reshape(rank, -1).float()
+    return (flat * scale).reshape(up.shape[0], *down.shape[1:])
+
+
+def _add_branch_output(host: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    branch = getattr(host, BRANCH_ATTR)
+    return output + branch(inputs[0]).to(output.dtype)
+
+
+def attach_branch(host: nn.Module, branch: LoraBranch) -> None:
+    """Put ``branch`` into ``host``: its output is added to the host's from now on."""
+    if BRANCH_ATTR in host._modules:
+        raise ValueError(f"this {type(host).__name__} already has a LoRA branch")
+    host.add_module(BRANCH_ATTR, branch)
+    host.register_forward_hook(_add_branch_output)
+
+
+def detach_branch(host: nn.Module) -> LoraBranch:
+    """Take the branch out of ``host`` (undoing any svd_init reduction of the host weight)."""
+    branch = host._modules.pop(BRANCH_ATTR)
+    # Found by identity rather than kept as a handle, so copies of the model detach correctly.
+    for hook_id, hook in list(host._forward_hooks.items()):
+        if hook is _add_branch_output:
+            del host._forward_hooks[hook_id]
+    if branch.svd_down0 is not None:
+        with torch.no_grad():
+            restored = host.weight.float() + delta_from_factors(branch.svd_down0, branch.svd_up0, branch.scale)
+            host.weight.copy_(restored.to(host.weight.dtype))
+    return branch
+
+
+def branches(model: nn.Module) -> Iterator[Tuple[str, nn.Module, LoraBranch]]:
+    """(host name, host, branch) for every LoRA branch inside ``model``."""
+    for name, module in model.named_modules():
+        branch = module._modules.get(BRANCH_ATTR)
+        if isinstance(branch, LoraBranch):
+            yield name, module, branch

@@ -1,0 +1,44 @@
+"""Fold LoRA files into a model's weights: ``W += weight * scale * up @ down`` per layer.
+
+Used to apply a LoRA at generation time (no extra cost per step) and by ``hcp tools merge-lora``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping
+
+import torch
+from torch import nn
+
+from .lora_file import LayerWeights, match_layers, read_lora_file
+
+TARGETS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def bundle_parts(models: Any) -> Dict[str, nn.Module]:
+    """The LoRA-capable parts of a ModelBundle (or pipeline, or mapping) that are present."""
+    if isinstance(models, Mapping):
+        return {t: m for t, m in models.items() if m is not None}
+    return {t: getattr(models, t) for t in TARGETS if getattr(models, t, None) is not None}
+
+
+def merge_layers(parts: Mapping[str, nn.Module], layers: LayerWeights, weight: float = 1.0) -> None:
+    """Add ``weight`` times each layer's LoRA update to its host weight (computed in float32)."""
+    with torch.no_grad():
+        for (target, path), lora in layers.items():
+            host = parts[target].get_submodule(path)
+            delta = lora.delta().to(host.weight.device)
+            host.weight.copy_((host.weight.float() + weight * delta).to(host.weight.dtype))
+
+
+def apply_lora_file(models: Any, path: str | os.PathLike, weight: float = 1.0, kind: str | None = None) -> int:
+    """Merge the LoRA file at ``path`` into ``models`` with ``weight``; return the number of layers.
+
+    ``models`` is a ModelBundle, a diffusers pipeline or a mapping of part name to module;
+    ``kind`` ("sd" | "sdxl") defaults to the bundle's.
+    """
+    parts = bundle_parts(models)
+    kind = kind or getattr(models, "kind", None) or ("sdxl" if "text_encoder_2" in parts else "sd")
+    layers = match_layers(read_lora_file(path), parts, kind)
+    merge_layers(parts, layers, weight)
+    return len(layers)

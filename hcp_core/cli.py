@@ -95,6 +95,8 @@ def cmd_tool(args: argparse.Namespace) -> int:
 TOOLS: Dict[str, tuple[str, str]] = {
     "convert-captions": ("hcp_core.tools.convert_captions", "turn per-image .txt captions into one .json"),
     "merge-lora": ("hcp_core.tools.merge_lora", "merge LoRA files into a model's weights"),
+    "create-embedding": ("hcp_core.tools.create_embedding", "create a custom word (textual-inversion embedding) for prompt tuning"),
+    "gen-from-prompts": ("hcp_core.tools.gen_from_prompts", "generate regularization images with captions from a prompt database"),
 }
 
 

@@ -69,7 +69,10 @@ def build_adapters(pipeline: Pipeline, context: AdapterContext) -> List[tuple[st
         comp, target = owners[section]
         entry = by_component.setdefault(comp.name, (comp, {}))
         entry[1].setdefault(target, []).extend(configs)
-    built = [(name, comp.build(targets, context=context)) for name, (comp, targets) in by_component.items()]
+    built = []
+    for name, (comp, targets) in by_component.items():
+        kwargs = {"options": pipeline.adapter_options[comp.options[0]]} if comp.options else {}
+        built.append((name, comp.build(targets, context=context, **kwargs)))
     # Adapters that select layers by their original names (fine-tuning) attach before wrappers (LoRA).
     return sorted(built, key=lambda item: getattr(item[1], "attach_order", 0))
 
@@ -79,7 +82,13 @@ class Trainer:
 
     def __init__(self, pipeline: Pipeline) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
 
+        # accelerate keeps one global state per process; a library user running a second
+        # pipeline (say, with other mixed precision) needs a fresh one. The process group of a
+        # distributed launch lives in PartialState, which stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.p = pipeline
         self.cfg = pipeline.train
         self.accelerator = Accelerator(
@@ -114,7 +123,7 @@ class Trainer:
         first = next(iter(self.data.prepared.values()))
         context = AdapterContext(
             exp_dir=str(self.exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
-            resolution=tuple(first.bucket_sizes[0]), seed=p.seed,
+            resolution=tuple(first.bucket_sizes[0]), seed=p.seed, extra={"max_steps": self.cfg.max_steps},
         )
         self.adapters = build_adapters(p, context)
         groups: List[Dict[str, Any]] = []
@@ -298,7 +307,8 @@ class Trainer:
                         batches = self.data.next_batches()
                         loss, value = self._guarded_loss(batches)
                         step_loss += value / cfg.gradient_accumulation
-                        acc.backward(loss / cfg.gradient_accumulation)
+                        if loss.requires_grad:  # e.g. no prompt held a trained word this micro-step
+                            acc.backward(loss / cfg.gradient_accumulation)
                     self._sync_grads()
                     if cfg.max_grad_norm:
                         acc.clip_grad_norm_(self.trained_params, cfg.max_grad_norm)

@@ -1,0 +1,38 @@
+"""Built-in adapters: what a run trains.
+
+Registration only: each adapter's config class is light (attrs), its factory module (torch) is
+imported when a pipeline uses it.
+"""
+from __future__ import annotations
+
+from hcp_core.hookspecs import hookimpl
+from hcp_core.registry import FamilyRegistry
+
+from .finetune.config import FinetuneGroup
+from .lora.config import LoraGroupConfig, LoraOptions
+from .prompt_tuning.config import PromptTuningConfig
+
+
+@hookimpl
+def hcp_register_adapters(registry: FamilyRegistry) -> None:
+    """Register ``lora`` ([[lora_unet]], [[lora_text_encoder]], [lora]), ``finetune`` ([[unet]],
+    [[text_encoder]]) and ``prompt_tuning`` ([tokenizer_pt])."""
+    registry.add(
+        "lora",
+        config=LoraGroupConfig,
+        factory="hcp_plugins.adapters.lora.adapter:build_lora_adapter",
+        sections={"lora_unet": "unet", "lora_text_encoder": "text_encoder"},
+        options=("lora", LoraOptions),
+    )
+    registry.add(
+        "finetune",
+        config=FinetuneGroup,
+        factory="hcp_plugins.adapters.finetune.adapter:FinetuneAdapter",
+        sections={"unet": "unet", "text_encoder": "text_encoder"},
+    )
+    registry.add(
+        "prompt_tuning",
+        config=PromptTuningConfig,
+        factory="hcp_plugins.adapters.prompt_tuning.adapter:PromptTuningAdapter",
+        sections={"tokenizer_pt": "text_encoder"},
+    )

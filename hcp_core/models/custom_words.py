@@ -1,0 +1,433 @@
+"""Custom words (textual-inversion embeddings): their files, their vectors in a text encoder, and
+prompts that use them.
+
+A custom word is a name plus ``N`` token vectors ``[N, dim]``. Nothing here changes the tokenizer's
+vocabulary or the text encoder's token table:
+
+* :func:`install_custom_words` puts a :class:`CustomWordEmbedding` in place of the text encoder's
+  token embedding module. It looks ids below the base vocabulary size up in the untouched base
+  table (the very same ``weight`` Parameter, under the same state-dict name) and gives each word
+  ``N`` *placeholder ids* after it (``base_vocab + k``), whose vectors it holds itself.
+* :class:`CustomWordPromptEncoder` is a :class:`~hcp_core.models.text_encoding.PromptEncoder`
+  whose :meth:`token_ids` puts a word's placeholder ids where its name appears in a prompt, so a
+  word of ``N`` vectors takes ``N`` token positions and later tokens shift. A word never straddles
+  two 75-token windows: when it does not fit in what is left of a window, the window is closed
+  (EOS, then padding, as for a shorter prompt) and the word starts the next one, as webui does.
+
+Names are matched **case-insensitively** (CLIP lowercases every prompt, so ``My-Cat`` and
+``my-cat`` are the same text to the model) and as **whole words**: not directly after or before a
+letter, digit, ``_`` or ``-`` (``my-cat`` does not match inside ``my-cat-toy``). When names
+overlap, the longest wins.
+
+Files, read with :func:`read_embedding` / written with :func:`write_embedding`: the A1111 ``.pt``
+layout (``{"string_to_param": {"*": T[N, dim]}, "name", "step", ...}``, read with
+``torch.load(weights_only=True)``, never unpickling arbitrary objects) and ``.safetensors``
+holding one tensor (``{name: T[N, dim]}``, or webui's ``emb_params``). A word's name is its file's
+stem. These are the layouts diffusers' ``load_textual_inversion``, webui and ComfyUI read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import DataError, UserError
+from .text_encoding import PromptEncoder
+
+log = logging.getLogger(__name__)
+
+#: File suffixes a folder of custom words is scanned for.
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+#: A1111 files carry a token id for their "*" placeholder (265 is "*" in SD's CLIP vocabulary);
+#: readers ignore it, but some older loaders expect the key.
+_A1111_STAR_TOKEN = 265
+
+
+class EmbeddingFileError(DataError):
+    """A custom-word file hcp cannot read, or one that does not fit the model."""
+
+
+# --------------------------------------------------------------------------- files
+def read_embedding(path: Union[str, os.PathLike]) -> torch.Tensor:
+    """The vectors ``[N, dim]`` (float32, CPU) stored in a custom-word file.
+
+    Reads A1111 ``.pt`` dicts (``string_to_param``), webui ``emb_params``, diffusers-style
+    ``{token: tensor}`` files (``.safetensors`` or ``.bin``) and a bare tensor. Pickled files are
+    read with ``weights_only=True``: a file that needs arbitrary Python objects is refused.
+    """
+    path = Path(path)
+    data: Any
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EmbeddingFileError(f"custom word file {path} does not exist") from None
+    except Exception as exc:  # unpickling refused, corrupt file, not a safetensors file ...
+        raise EmbeddingFileError(
+            f"custom word file {path} cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "hcp reads .pt files with torch.load(weights_only=True) and never unpickles other objects. "
+            "Re-save it as .safetensors holding one tensor [N, dim]."
+        ) from None
+    vectors = _vectors_of(data, path)
+    if vectors.dim() == 1:  # one vector saved without its row axis (diffusers' learned_embeds.bin)
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2 or vectors.shape[0] < 1 or not vectors.is_floating_point():
+        raise EmbeddingFileError(
+            f"custom word file {path}: expected float vectors of shape [N, dim], got {vectors.dtype} {tuple(vectors.shape)}"
+        )
+    return vectors.detach().to(torch.float32).contiguous()
+
+
+def _vectors_of(data: Any, path: Path) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    if not isinstance(data, Mapping):
+        raise EmbeddingFileError(f"custom word file {path}: expected a tensor or a dict of tensors, got {type(data).__name__}")
+    if "string_to_param" in data:  # A1111
+        params = data["string_to_param"]
+        if not isinstance(params, Mapping) or len(params) != 1:
+            raise EmbeddingFileError(f"custom word file {path}: 'string_to_param' must hold exactly one tensor")
+        return next(iter(params.values()))
+    if "emb_params" in data:  # webui's safetensors layout
+        return data["emb_params"]
+    if "clip_l" in data or "clip_g" in data:
+        raise EmbeddingFileError(
+            f"custom word file {path} is an SDXL embedding (clip_l / clip_g); it does not fit this SD 1.x/2.x text encoder"
+        )
+    tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1:
+        keys = ", ".join(map(str, list(data)[:6]))
+        raise EmbeddingFileError(
+            f"custom word file {path}: expected one tensor (or the A1111 'string_to_param' layout), found keys {keys}"
+        )
+    return tensors[0]
+
+
+def write_embedding(
+    path: Union[str, os.PathLike], name: str, vectors: torch.Tensor, *, step: Optional[int] = None,
+    model: Optional[str] = None,
+) -> Path:  # fmt: skip
+    """Write ``vectors`` [N, dim] as custom word ``name``; the format follows the suffix.
+
+    ``.pt``: the A1111 layout (``string_to_param`` -> ``*`` -> tensor, plus ``name``, ``step``,
+    ``sd_checkpoint_name``); ``.safetensors``: ``{name: tensor}``. The file is written under a
+    temporary name and renamed, so a reader never sees half a file. Returns the path.
+    """
+    path = Path(path)
+    tensor = vectors.detach().to("cpu", torch.float32).contiguous().clone()
+    if tensor.dim() != 2:
+        raise ValueError(f"vectors must be [N, dim], got shape {tuple(tensor.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({name: tensor}, tmp, metadata={"format": "pt", "name": name, "step": str(step or 0)})
+        elif suffix in (".pt", ".bin"):
+            torch.save({
+                "string_to_token": {"*": _A1111_STAR_TOKEN},
+                "string_to_param": {"*": tensor},
+                "name": name,
+                "step": int(step or 0),
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": model,
+            }, tmp)  # fmt: skip
+        else:
+            raise ValueError(f"{path}: custom words are written as .pt or .safetensors")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def embedding_files(emb_dir: Union[str, os.PathLike]) -> Dict[str, List[Path]]:
+    """Word name -> its files in ``emb_dir`` (top level only; sub-folders are not scanned).
+
+    A word may have a ``.pt`` and a ``.safetensors`` file (what an export writes). Names that
+    differ only in case are the same word and are listed together under the first one found.
+    """
+    folder = Path(emb_dir)
+    if not folder.is_dir():
+        raise EmbeddingFileError(f"custom word folder {folder} does not exist (or is not a folder)")
+    found: Dict[str, List[Path]] = {}
+    canonical: Dict[str, str] = {}
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in EMBEDDING_SUFFIXES:
+            continue
+        name = canonical.setdefault(file.stem.lower(), file.stem)
+        found.setdefault(name, []).append(file)
+    return found
+
+
+def load_embeddings(emb_dir: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """Every custom word in ``emb_dir``: name (file stem) -> vectors ``[N, dim]``.
+
+    Two files of one word must hold the same vectors; otherwise it is an error naming both.
+    """
+    words: Dict[str, torch.Tensor] = {}
+    for name, files in embedding_files(emb_dir).items():
+        first = read_embedding(files[0])
+        for other in files[1:]:
+            again = read_embedding(other)
+            if again.shape != first.shape or not torch.equal(again, first):
+                raise EmbeddingFileError(
+                    f"custom word '{name}' is defined twice with different vectors: {files[0]} and {other}; "
+                    "remove one of them"
+                )
+        words[name] = first
+    return words
+
+
+# --------------------------------------------------------------------------- the embedding module
+class CustomWordVectors(nn.Module):
+    """The vectors of the installed words, one Parameter ``[N_k, dim]`` per word, in id order.
+
+    Marked as an adapter branch so layer selection (fine-tune, LoRA groups) never picks it up.
+    """
+
+    hcp_adapter_branch = True
+
+    def __init__(self, words: Mapping[str, torch.Tensor], trainable: Iterable[str]) -> None:
+        super().__init__()
+        trained = set(trainable)
+        self.names: List[str] = list(words)
+        # Keys "0", "1", ...: word names may hold characters a module attribute cannot.
+        self.vectors = nn.ParameterList(
+            [nn.Parameter(words[n].detach().clone().float(), requires_grad=n in trained) for n in self.names]
+        )
+
+    def table(self, dtype: torch.dtype) -> torch.Tensor:
+        """All words' vectors stacked ``[sum N_k, dim]`` in ``dtype``, in placeholder-id order.
+
+        Under mixed precision trained words stay float32 while frozen ones are cast to half.
+        """
+        return torch.cat([v.to(dtype) for v in self.vectors], dim=0)
+
+
+class CustomWordEmbedding(nn.Module):
+    """A token embedding that also knows custom words (see the module docstring).
+
+    ``weight`` is the base table's own Parameter, so the base table keeps its state-dict name and
+    stays shared with anything that already holds it (a fine-tune group training it).
+    """
+
+    def __init__(self, base: nn.Embedding, words: Mapping[str, torch.Tensor], trainable: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.num_embeddings = int(base.num_embeddings)
+        self.embedding_dim = int(base.embedding_dim)
+        self.padding_idx = base.padding_idx
+        self.max_norm, self.norm_type = base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.words = CustomWordVectors(words, trainable)
+        self.num_custom = sum(int(p.shape[0]) for p in self.words.vectors)
+        # Kept outside the module tree (no second registration of the weight) to put back on removal.
+        object.__setattr__(self, "_original", base)
+
+    @property
+    def original(self) -> nn.Embedding:
+        """The token embedding module this one replaced."""
+        return self._original  # type: ignore[attr-defined]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        custom = input_ids >= self.num_embeddings
+        base_ids = input_ids.masked_fill(custom, 0) if self.num_custom else input_ids
+        out = nn.functional.embedding(base_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                                      self.scale_grad_by_freq, self.sparse)  # fmt: skip
+        if not self.num_custom or not bool(custom.any()):
+            return out
+        offsets = (input_ids - self.num_embeddings).clamp(min=0)
+        if int(offsets.max()) >= self.num_custom:
+            raise IndexError(f"token id {int(input_ids.max())} is past the {self.num_custom} custom-word ids")
+        rows = self.words.table(out.dtype)[offsets]
+        return torch.where(custom.unsqueeze(-1), rows, out)
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not inside {type(root).__name__}")
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, attr, module)
+
+
+class CustomWords:
+    """Custom words installed in a text encoder: names, placeholder ids, vectors; :meth:`remove`.
+
+    Returned by :func:`install_custom_words`; :class:`CustomWordPromptEncoder` uses it to put the
+    words into prompts.
+    """
+
+    def __init__(self, text_encoder: nn.Module, path: str, module: CustomWordEmbedding) -> None:
+        self.text_encoder = text_encoder
+        self.path = path
+        self.module = module
+        self.ids: Dict[str, List[int]] = {}
+        next_id = module.num_embeddings
+        for name, vectors in zip(module.words.names, module.words.vectors):
+            self.ids[name] = list(range(next_id, next_id + int(vectors.shape[0])))
+            next_id += int(vectors.shape[0])
+        self._by_lower = {name.lower(): name for name in self.ids}
+        names = sorted(self.ids, key=len, reverse=True)  # the longest of overlapping names wins
+        self._pattern = (
+            re.compile(r"(?<![\w-])(" + "|".join(re.escape(n) for n in names) + r")(?![\w-])", re.IGNORECASE)
+            if names else None
+        )  # fmt: skip
+
+    @property
+    def names(self) -> List[str]:
+        """The words' names, in placeholder-id order."""
+        return list(self.ids)
+
+    @property
+    def params(self) -> Dict[str, nn.Parameter]:
+        """Name -> the word's Parameter ``[N, dim]`` (``requires_grad`` only for trained words)."""
+        return dict(zip(self.module.words.names, self.module.words.vectors))
+
+    def canonical(self, name: str) -> Optional[str]:
+        """The installed word called ``name`` (case-insensitively), or None."""
+        return self._by_lower.get(name.lower())
+
+    def split(self, prompt: str) -> List[Tuple[str, Optional[str]]]:
+        """``prompt`` as pieces ``(text, None)`` and ``(matched text, word name)``, in order."""
+        if self._pattern is None:
+            return [(prompt, None)]
+        pieces: List[Tuple[str, Optional[str]]] = []
+        pos = 0
+        for m in self._pattern.finditer(prompt):
+            if m.start() > pos:
+                pieces.append((prompt[pos:m.start()], None))
+            pieces.append((m.group(0), self._by_lower[m.group(0).lower()]))
+            pos = m.end()
+        if pos < len(prompt):
+            pieces.append((prompt[pos:], None))
+        return pieces
+
+    def remove(self) -> None:
+        """Put the original token embedding back (the words' vectors stay readable in :attr:`params`)."""
+        if self.text_encoder.get_submodule(self.path) is self.module:
+            _set_module(self.text_encoder, self.path, self.module.original)
+
+
+def install_custom_words(
+    text_encoder: nn.Module, words: Mapping[str, torch.Tensor], *, trainable: Iterable[str] = ()
+) -> CustomWords:
+    """Make ``words`` (name -> ``[N, dim]``) usable in ``text_encoder``'s input ids.
+
+    The token embedding module (``text_encoder.get_input_embeddings()``) is replaced by a
+    :class:`CustomWordEmbedding` registered at the same place, so the words' Parameters are part of
+    the text encoder's module tree (``.to()``, ``.parameters()`` see them). Words named in
+    ``trainable`` get ``requires_grad``; the others and the base table are left as they are.
+    """
+    base = text_encoder.get_input_embeddings()
+    if isinstance(base, CustomWordEmbedding):
+        raise UserError("this text encoder already has custom words installed; remove them first")
+    if not isinstance(base, nn.Embedding):
+        raise UserError(f"cannot add custom words: the text encoder's token embedding is a {type(base).__name__}, not nn.Embedding")
+    trained = list(trainable)
+    unknown = [n for n in trained if n not in words]
+    if unknown:
+        raise UserError(f"cannot train {', '.join(map(repr, unknown))}: no such custom word (have: {', '.join(words) or 'none'})")
+    seen: Dict[str, str] = {}
+    for name, vectors in words.items():
+        if name.lower() in seen:
+            raise UserError(f"custom words '{seen[name.lower()]}' and '{name}' differ only in case; prompts cannot tell them apart")
+        seen[name.lower()] = name
+        if vectors.dim() != 2 or vectors.shape[-1] != base.embedding_dim:
+            raise EmbeddingFileError(
+                f"custom word '{name}' has vectors of shape {tuple(vectors.shape)}, but this text encoder's token "
+                f"vectors have size {base.embedding_dim}: the word was made for another model"
+            )
+    path = _module_path(text_encoder, base)
+    module = CustomWordEmbedding(base, words, trained).to(device=base.weight.device)
+    _set_module(text_encoder, path, module)
+    return CustomWords(text_encoder, path, module)
+
+
+# --------------------------------------------------------------------------- prompts
+def is_single_token(tokenizer: Any, name: str) -> bool:
+    """True when the tokenizer already reads ``name`` as one token of its own vocabulary."""
+    return len(tokenizer(name, add_special_tokens=False).input_ids) == 1
+
+
+class CustomWordPromptEncoder(PromptEncoder):
+    """A :class:`PromptEncoder` whose prompts may use the custom words of ``words``.
+
+    Plain text between the words is tokenized by ``plain`` (the encoder this one wraps, see
+    :meth:`wrap`) or the tokenizer. :attr:`uses` counts how often each word was put into a prompt.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        words: CustomWords,
+        *,
+        clip_skip: int = 0,
+        max_chunks: int = 3,
+        norm_after_skip: bool = True,
+        plain: Optional[PromptEncoder] = None,
+    ) -> None:
+        super().__init__(tokenizer, text_encoder, clip_skip=clip_skip, max_chunks=max_chunks, norm_after_skip=norm_after_skip)
+        too_long = {n: len(ids) for n, ids in words.ids.items() if len(ids) > self.tokens_per_chunk}
+        if too_long:
+            name, n = next(iter(too_long.items()))
+            raise EmbeddingFileError(
+                f"custom word '{name}' has {n} vectors; at most {self.tokens_per_chunk} fit in one prompt window"
+            )
+        self.words = words
+        self.plain = plain
+        self.uses: Dict[str, int] = {name: 0 for name in words.ids}
+        for name in words.ids:
+            if is_single_token(tokenizer, name):
+                log.warning("custom word '%s' is also a token of the tokenizer: in prompts it means the custom word", name)
+
+    @classmethod
+    def wrap(cls, encoder: PromptEncoder, words: CustomWords) -> "CustomWordPromptEncoder":
+        """An encoder with ``encoder``'s settings that expands ``words``; plain text still goes
+        through ``encoder.token_ids``."""
+        return cls(encoder.tokenizer, encoder.text_encoder, words, clip_skip=encoder.clip_skip,
+                   max_chunks=encoder.max_chunks, norm_after_skip=encoder.norm_after_skip, plain=encoder)  # fmt: skip
+
+    def _plain_ids(self, text: str) -> List[int]:
+        if self.plain is not None:
+            return self.plain.token_ids(text)
+        return super().token_ids(text)
+
+    def window_break(self, room: int) -> List[int]:
+        """Ids that close the current window with ``room`` free positions: EOS, then padding."""
+        return ([self.eos_id] + [self.pad_id] * (room - 1)) if room else []
+
+    def token_ids(self, prompt: str) -> List[int]:
+        """Prompt ids without BOS/EOS; each custom word becomes its placeholder ids, whole in one window."""
+        ids: List[int] = []
+        for text, name in self.words.split(prompt):
+            if name is None:
+                if text.strip():
+                    ids += self._plain_ids(text)
+                continue
+            word = self.words.ids[name]
+            room = self.tokens_per_chunk - len(ids) % self.tokens_per_chunk
+            if len(word) > room:
+                ids += self.window_break(room)
+            ids += word
+            self.uses[name] += 1
+        return ids

@@ -15,21 +15,10 @@ from hcp_core.data.loader import build_train_data
 
 @pytest.fixture(scope="module")
 def vae():
-    from diffusers import AutoencoderKL
+    from hcp_core.demo.model import tiny_vae
 
     torch.manual_seed(0)
-    model = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    return model.eval()
+    return tiny_vae().eval()
 
 
 def make_data(tmp_path, n=4):

@@ -319,3 +319,20 @@ def test_a_broken_installed_plugin_is_reported_and_the_others_still_work(tmp_pat
     config = hcp("config", "pipe.toml", env=env, cwd=tmp_path)
     assert config.returncode == 0, config.stderr
     assert tomllib.loads(config.stdout)["data"]["ds1"]["bucket"]["type"] == "multiple_of"
+
+
+def test_hcp_run_trains_with_the_installed_plugins_bucket_and_transform(example_plugin_env, tmp_path, demo_model_dir, demo_data_dir) -> None:
+    """The pip-installed plugin's components, named in TOML, carry a real training run."""
+    from train_support import pipeline_toml
+
+    text = pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=2)
+    text = text.replace('{ type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }',
+                        '{ type = "multiple_of", max_side = 64, multiple = 16 }')
+    text = text.replace('prompt_template = "a picture of {caption}"',
+                        'prompt_template = "a picture of {caption}"\ntext_transforms = [{ type = "caption_prefix", text = "my-shape" }]')
+    write(tmp_path / "pipe.toml", text)
+    done = hcp("run", "pipe.toml", env={**example_plugin_env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "exp" / "train.log").read_text()
+    assert "bucket multiple_of" in log and "done: 2 steps" in log
+    assert (tmp_path / "exp" / "lora.safetensors").is_file()

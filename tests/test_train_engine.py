@@ -193,3 +193,21 @@ def test_options_together_masks_cache_ema_bf16_min_snr_v_prediction(tmp_path, de
     assert key.startswith("lora/")
     assert any(not torch.equal(exported[k], v) for k, v in load_file(str(exp / "lora-3.safetensors")).items()
                if k.endswith("lora_up.weight"))
+
+
+def test_a_single_file_checkpoint_trains_like_its_diffusers_folder(tmp_path, demo_model_dir, demo_data_dir) -> None:
+    from hcp_core.tools.merge_lora import merge_lora
+
+    # An identity "merge" (LoRA weight 0) writes the demo model as one original-layout file.
+    exp_lora = tmp_path / "seed"
+    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp_lora, max_steps=1),
+                                                     "seed.toml")))
+    single = tmp_path / "model.safetensors"
+    merge_lora(demo_model_dir, [(str(exp_lora / "lora.safetensors"), 0.0)], tmp_path / "merged", single_file=single)
+    runs = {}
+    for name, extra in (("folder", []), ("file", [f'model.pretrained="{single}"', f'model.config="{demo_model_dir}"'])):
+        exp = tmp_path / name
+        cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, max_steps=2), f"{name}.toml")
+        hcp_core.run(hcp_core.load_config(cfg, extra))
+        runs[name] = trained_tensors(exp)
+    assert_same_tensors(runs["folder"], runs["file"], exact=False, atol=1e-6)

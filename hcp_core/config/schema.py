@@ -37,6 +37,9 @@ class ModelConfig:
     """``[model]``: which checkpoint, and how it runs."""
 
     pretrained: str
+    #: For a single-file checkpoint: a local diffusers folder of the same architecture whose
+    #: configs and tokenizer describe it (diffusers needs them to read the file offline).
+    config: Optional[str] = None
     clip_skip: int = attrs.field(default=0, validator=_at_least(0))
     mixed_precision: str = attrs.field(default="no", validator=_one_of(MIXED_PRECISION))
     gradient_checkpointing: bool = False
@@ -121,18 +124,63 @@ class DatasetConfig:
             raise ValueError(str(exc), attribute) from None
 
 
+def _sample_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    from ..generation.params import parse_size
+
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        raise ValueError(str(exc), attribute) from None
+
+
+def _sample_scheduler(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    from ..generation.schedulers import UnknownSchedulerError, scheduler_choice
+
+    try:
+        scheduler_choice(value, where=None)
+    except UnknownSchedulerError as exc:
+        raise ValueError(str(exc), attribute) from None
+
+
+def _sample_prompts(inst: "SampleConfig", attribute: attrs.Attribute, value: List[str]) -> None:
+    from ..data.prompts import fill_placeholders, placeholders
+
+    if not value:
+        raise ValueError("list at least one prompt, e.g. prompts = [\"a photo of a cat\"]", attribute)
+    for i, prompt in enumerate(value):
+        left = placeholders(fill_placeholders(prompt, inst.word_names))
+        if left:
+            raise ValueError(f"prompt {i} ({prompt!r}) has {{{left[0]}}} but word_names does not fill it; "
+                             f"add word_names = {{ {left[0]} = \"my-word\" }}", attribute)
+
+
 @attrs.define
 class SampleConfig:
-    """``[sample]``: images rendered during training (see the generation docs)."""
+    """``[sample]``: images rendered with the model being trained (docs/generation.md).
 
-    prompts: List[str] = attrs.field(factory=list)
+    Prompt ``k`` uses seed ``seed + k``. ``word_names`` fills ``{name}`` placeholders in the
+    prompts (as ``template_fill`` does for training prompts); custom words, LoRA and the model's
+    clip_skip apply as in training. ``every`` = 0 samples only at the end of the run.
+    """
+
+    prompts: List[str] = attrs.field(factory=list, validator=_sample_prompts)
     negative_prompt: str = ""
-    every: int = 0
-    seed: int = 0
-    steps: int = 20
-    size: Tuple[int, int] = (512, 512)
-    scheduler: str = "ddim"
+    word_names: Dict[str, str] = attrs.field(factory=dict)
+    every: int = attrs.field(default=0, validator=_at_least(0))
+    seed: int = attrs.field(default=0, validator=_at_least(0))
+    steps: int = attrs.field(default=20, validator=_at_least(1))
+    #: "WxH" or [W, H]; None: the first bucket of the first dataset.
+    size: Any = attrs.field(default=None, validator=_sample_size)
+    scheduler: str = attrs.field(default="ddim", validator=_sample_scheduler)
     cfg: float = 7.0
+
+    def resolution(self, default: Tuple[int, int]) -> Tuple[int, int]:
+        """``(width, height)`` to sample at; ``default`` when ``size`` is not set."""
+        from ..generation.params import parse_size
+
+        return default if self.size is None else parse_size(self.size)
 
 
 @attrs.define

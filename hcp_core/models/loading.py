@@ -180,7 +180,7 @@ def _load_single_file(path: Path, prediction_type: Optional[str], config: Option
             f"'{path}' is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}); "
             "point model.pretrained at one of those."
         )
-    kwargs: Dict[str, Any] = {"local_files_only": True, "load_safety_checker": False}
+    kwargs: Dict[str, Any] = {"local_files_only": True, "safety_checker": None, "feature_extractor": None}
     if config is not None:
         if not (Path(config) / "model_index.json").is_file():
             raise ModelLoadError(f"config '{config}' for '{path}' is not a diffusers folder (no model_index.json).")

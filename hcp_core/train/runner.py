@@ -5,6 +5,7 @@ dataset's loss is weighted by its ``loss_weight``. Only the main process writes 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from .diffusion import draw_noise_and_timesteps, min_snr_weights, sample_seed, s
 from .ema import Ema
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
+from .sampling import build_sampler
 
 log = logging.getLogger("hcp")
 
@@ -116,7 +118,8 @@ class Trainer:
         set_seed(p.seed)
         if self.is_main:
             (self.exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
-        self.models: ModelBundle = load_models(p.model.pretrained, prediction_type=p.model.prediction_type)
+        self.models: ModelBundle = load_models(p.model.pretrained, prediction_type=p.model.prediction_type,
+                                                  config=p.model.config)
         acc = self.accelerator
         self.data = build_train_data(p, rank=acc.process_index, world_size=acc.num_processes,
                                      latent_factor=_latent_factor(self.models.vae))
@@ -162,6 +165,7 @@ class Trainer:
                                if spec is None or spec.name == "mse" else self.loss_fn)
         if self.is_main:
             self._open_tensorboard()
+        self.sampler = build_sampler(self)  # None without [sample] and off the main process
 
     def _place_models(self) -> None:
         m, dev = self.models, self.accelerator.device
@@ -331,6 +335,8 @@ class Trainer:
                     self.writer.add_scalar("loss", step_loss, self.step)
                     for g in self.optimizer.param_groups:
                         self.writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], self.step)
+                if self.sampler is not None and self.sampler.due(self.step, cfg.max_steps):
+                    self.sampler.sample(self.step)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save(self.data.state_dict())
                     last_saved = self.step
@@ -343,6 +349,9 @@ class Trainer:
         exports: List[str] = []
         if self.is_main:
             exports = self.export(None)
+            if self.sampler is not None:  # with the exported weights (EMA swapped in, if any)
+                with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                    self.sampler.sample(self.step)
             if self.writer is not None:
                 self.writer.close()
             log.info("done: %d steps, exports: %s", self.step, ", ".join(exports) or "none")

@@ -78,7 +78,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.model import build_demo_model
 
     root = Path(args.dir)
-    model = build_demo_model(root / "model")
+    if args.sdxl:  # the tiny SDXL model instead of the SD 1.x one (see docs/sdxl.md)
+        from .demo.sdxl import build_demo_sdxl_model
+
+        model = build_demo_sdxl_model(root / "model-sdxl")
+    else:
+        model = build_demo_model(root / "model")
     data = build_demo_dataset(root / "data")
     print(f"demo model: {model}\ndemo data:  {data}")
     return 0
@@ -91,6 +96,14 @@ def cmd_tool(args: argparse.Namespace) -> int:
     return int(module.main(args.tool_args) or 0)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation.generate import generate, job_from_args
+
+    written = generate(job_from_args(args))
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    return 0
+
+
 #: ``hcp tools NAME``: module with ``main(argv) -> int`` and a one-line help.
 TOOLS: Dict[str, tuple[str, str]] = {
     "convert-captions": ("hcp_core.tools.convert_captions", "turn per-image .txt captions into one .json"),
@@ -98,6 +111,18 @@ TOOLS: Dict[str, tuple[str, str]] = {
     "create-embedding": ("hcp_core.tools.create_embedding", "create a custom word (textual-inversion embedding) for prompt tuning"),
     "gen-from-prompts": ("hcp_core.tools.gen_from_prompts", "generate regularization images with captions from a prompt database"),
 }
+
+
+def _lora_arg(text: str):
+    from .generation.params import parse_lora_spec
+
+    return parse_lora_spec(text)
+
+
+def _scheduler_names() -> List[str]:
+    from .generation.schedulers import SCHEDULERS
+
+    return list(SCHEDULERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,11 +150,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("generate", help="generate images (LoRA, custom words, CLIP skip); parameters go into each PNG",
+                       epilog="Image i of a run uses seed SEED + i (counted over all prompts). " + EPILOG)
+    p.add_argument("--model", default=None, help="a diffusers folder or a single .safetensors/.ckpt file")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="a local diffusers folder describing a single-file --model (to load it offline)")
+    p.add_argument("--lora", action="append", type=_lora_arg, default=None, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA file with WEIGHT (default 1); repeatable")
+    p.add_argument("--embeddings", action="append", default=None, metavar="DIR",
+                   help="a folder of custom words (.pt/.safetensors) usable in prompts; repeatable, later ones win")
+    p.add_argument("--prompt", "-p", default=None, help="the prompt")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help=".txt (one prompt a line) or .parquet prompts")
+    p.add_argument("--negative-prompt", default=None, help="the negative prompt (default: none)")
+    p.add_argument("-n", type=int, default=None, help="images per prompt (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 (default) picks one at random")
+    p.add_argument("--size", default=None, metavar="WxH", help="e.g. 512x768 (default: the model's native size)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="sampler (default ddim): " + ", ".join(_scheduler_names()))
+    p.add_argument("--clip-skip", type=int, default=None, help="0 (default) = no skip, webui's 'clip skip 1'")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="override the model's scheduler config")
+    p.add_argument("--from-image", default=None, metavar="PNG",
+                   help="take every option not given here from an image's metadata (hcp or webui)")
+    p.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16 on cuda, fp32 on cpu")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("plugins", help="list loaded plugins and their components")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("demo", help="create the tiny offline demo model and dataset")
     p.add_argument("dir", nargs="?", default="demo", help="output folder (default: ./demo)")
+    p.add_argument("--sdxl", action="store_true", help="write a tiny SDXL model to DIR/model-sdxl instead of DIR/model")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tools", help="helper tools; 'hcp tools NAME --help' for each")

@@ -1,0 +1,243 @@
+"""``hcp generate``: images from a model, LoRA files and custom words, with their parameters inside.
+
+For each prompt, ``n`` images; image ``i`` of a run (counted over all prompts: prompt ``j``,
+repetition ``k`` is ``i = j * n + k``) uses seed ``seed + i``. Each PNG is written as
+``OUT/<number>-<seed>.png``, numbered on from the highest number already in ``OUT``, with
+:mod:`~hcp_core.generation.metadata` chunks that hold that image's own seed, so one image alone
+reproduces it (``hcp generate --from-image IMG``).
+
+LoRA files are folded into the weights (``W += weight * scale * up @ down``, in float32) before the
+model is cast to the run's precision; custom words are installed into the text encoder.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import attrs
+
+from ..errors import UserError
+from .params import MAX_SEED, GenerationParams, LoraSpec, parse_size
+
+log = logging.getLogger("hcp")
+
+DTYPES = ("fp32", "fp16", "bf16")
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+@attrs.frozen
+class GenerateJob:
+    """A validated ``hcp generate`` request. ``seed`` is the first image's seed."""
+
+    model: str
+    prompts: Tuple[str, ...]
+    seed: int
+    out: str
+    negative_prompt: str = ""
+    n: int = 1
+    steps: int = 20
+    cfg: float = 7.0
+    scheduler: str = "ddim"
+    size: Optional[Tuple[int, int]] = None  # None: the model's native size
+    clip_skip: int = 0
+    loras: Tuple[LoraSpec, ...] = ()
+    embeddings: Tuple[str, ...] = ()
+    prediction_type: Optional[str] = None
+    model_config: Optional[str] = None  # a diffusers folder describing a single-file model
+    device: Optional[str] = None  # None: cuda when available
+    dtype: Optional[str] = None  # None: fp16 on cuda, fp32 on cpu
+
+
+def plan_images(job: GenerateJob, size: Tuple[int, int]) -> List[GenerationParams]:
+    """One :class:`GenerationParams` per image, in order; image ``i`` has seed ``job.seed + i``."""
+    width, height = size
+    return [
+        GenerationParams(
+            prompt=prompt, seed=job.seed + j * job.n + k, model=job.model, negative_prompt=job.negative_prompt,
+            steps=job.steps, cfg=job.cfg, scheduler=job.scheduler, width=width, height=height,
+            clip_skip=job.clip_skip, loras=job.loras, embeddings=job.embeddings, prediction_type=job.prediction_type,
+        )  # fmt: skip
+        for j, prompt in enumerate(job.prompts)
+        for k in range(job.n)
+    ]
+
+
+# --------------------------------------------------------------------------- from the command line
+def job_from_args(args: Any) -> GenerateJob:
+    """A :class:`GenerateJob` from ``hcp generate``'s parsed arguments (see ``hcp_core.cli``).
+
+    Options left unset (None) come from ``--from-image`` when given, else from the defaults.
+    Everything that can be checked without loading the model is checked here.
+    """
+    from .metadata import read_png_params
+    from .schedulers import scheduler_choice
+
+    base: Optional[GenerationParams] = read_png_params(args.from_image, args.scheduler) if args.from_image else None
+
+    def pick(value: Any, attr: str, default: Any) -> Any:
+        if value is not None:
+            return value
+        return getattr(base, attr) if base is not None else default
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        from ..tools.gen_from_prompts import read_prompts
+
+        prompts: Tuple[str, ...] = tuple(read_prompts(args.prompt_file))
+    elif args.prompt is not None:
+        prompts = (args.prompt,)
+    elif base is not None:
+        prompts = (base.prompt,)
+    else:
+        raise UserError("no prompt: give --prompt TEXT, --prompt-file FILE or --from-image IMAGE")
+    model = pick(args.model, "model", "")
+    if not model:
+        raise UserError("no model: give --model (a diffusers folder or a .safetensors/.ckpt file)")
+    scheduler = pick(args.scheduler, "scheduler", "ddim")
+    scheduler_choice(scheduler)
+    if args.size is not None:
+        try:
+            size: Optional[Tuple[int, int]] = parse_size(args.size)
+        except ValueError as exc:
+            raise UserError(f"--size: {exc}") from None
+    else:
+        size = (base.width, base.height) if base is not None else None
+    seed = pick(args.seed, "seed", -1)
+    if seed == -1:
+        seed = random.SystemRandom().randrange(2**32)
+    n = args.n if args.n is not None else 1
+    steps = pick(args.steps, "steps", 20)
+    clip_skip = pick(args.clip_skip, "clip_skip", 0)
+    for name, value, low in (("-n", n, 1), ("--steps", steps, 1), ("--clip-skip", clip_skip, 0), ("--seed", seed, 0)):
+        if value < low:
+            raise UserError(f"{name} must be at least {low}, got {value}" + (" (-1: a random seed)" if name == "--seed" else ""))
+    if seed + len(prompts) * n - 1 > MAX_SEED:
+        raise UserError(f"--seed {seed} is too large: image seeds must stay below 2**64")
+    loras = tuple(args.lora) if args.lora is not None else (base.loras if base is not None else ())
+    for spec in loras:
+        if not Path(spec.path).is_file():
+            raise UserError(f"--lora: LoRA file {spec.path} not found")
+    embeddings = tuple(args.embeddings) if args.embeddings is not None else (base.embeddings if base is not None else ())
+    for folder in embeddings:
+        if not Path(folder).is_dir():
+            raise UserError(f"--embeddings: folder {folder} not found (a folder of custom word .pt/.safetensors files)")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype!r}: use one of {', '.join(DTYPES)}")
+    return GenerateJob(
+        model=_absolute(model), prompts=prompts, seed=seed, out=args.out,
+        negative_prompt=pick(args.negative_prompt, "negative_prompt", ""), n=n, steps=steps,
+        cfg=pick(args.cfg, "cfg", 7.0), scheduler=scheduler, size=size, clip_skip=clip_skip,
+        loras=tuple(LoraSpec(_absolute(s.path), s.weight) for s in loras),
+        embeddings=tuple(_absolute(e) for e in embeddings),
+        prediction_type=pick(args.prediction_type, "prediction_type", None),
+        model_config=args.model_config, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+
+
+def _absolute(path: str) -> str:
+    """Absolute paths in the metadata keep an image reproducible from any working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+# --------------------------------------------------------------------------- running
+@attrs.define
+class LoadedModel:
+    """A model ready to render: weights with LoRA merged, the prompt encoder, where it runs."""
+
+    models: Any  # ModelBundle
+    encoder: Any  # PromptEncoder
+    device: str
+    dtype: str
+
+    def native_size(self) -> Tuple[int, int]:
+        """The UNet's trained resolution in pixels (``sample_size`` latents times the VAE factor)."""
+        factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
+        side = self.models.unet.config.sample_size
+        height, width = (side, side) if isinstance(side, int) else tuple(side)
+        return width * factor, height * factor
+
+
+def load_for_generation(
+    model: str,
+    *,
+    loras: Sequence[LoraSpec] = (),
+    embeddings: Sequence[str] = (),
+    clip_skip: int = 0,
+    prediction_type: Optional[str] = None,
+    model_config: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    log_fn: Callable[[str], None] = log.info,
+) -> LoadedModel:
+    """Load ``model``, merge ``loras`` into it, install the custom words of ``embeddings``,
+    cast to ``dtype`` and move it to ``device``."""
+    import torch
+
+    from hcp_plugins.adapters.lora.merge import apply_lora_file
+
+    from ..models.custom_words import CustomWordPromptEncoder, install_custom_words, load_embeddings
+    from ..models.loading import load_models
+    from ..models.text_encoding import PromptEncoder, num_encoder_layers
+    from .render import check_renderable
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    bundle = load_models(model, prediction_type=prediction_type, config=model_config)
+    check_renderable(bundle)
+    layers = num_encoder_layers(bundle.text_encoder)
+    if clip_skip >= layers:
+        raise UserError(f"--clip-skip {clip_skip} is out of range: this text encoder has {layers} layers, "
+                        f"so it must be below {layers}")  # fmt: skip
+    for spec in loras:  # merged in float32, before any cast
+        count = apply_lora_file(bundle, spec.path, spec.weight)
+        log_fn(f"merged {spec.path} with weight {spec.weight:g} into {count} layers")
+    encoder = PromptEncoder(bundle.tokenizer, bundle.text_encoder, clip_skip=clip_skip)
+    if embeddings:
+        words = {}
+        for folder in embeddings:  # later folders override earlier ones
+            words.update(load_embeddings(folder))
+        if words:
+            encoder = CustomWordPromptEncoder.wrap(encoder, install_custom_words(bundle.text_encoder, words))
+            log_fn(f"custom words: {', '.join(words)}")
+    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    for part in (bundle.unet, bundle.vae, bundle.text_encoder):
+        if part.dtype != target:
+            # nn.Module's own .to: diffusers' override warns about fp32 modules on every cast, even with none.
+            torch.nn.Module.to(part, dtype=target)
+        part.to(torch.device(device))
+        part.eval()
+    return LoadedModel(models=bundle, encoder=encoder, device=device, dtype=dtype)
+
+
+def next_number(out: Path) -> int:
+    """The number after the highest ``NNNNN-*.png`` in ``out`` (0 for a new folder)."""
+    numbers = [int(m.group(1)) for p in out.glob("*.png") if (m := _NUMBERED.match(p.name))] if out.is_dir() else []
+    return max(numbers) + 1 if numbers else 0
+
+
+def generate(job: GenerateJob, log_fn: Callable[[str], None] = print) -> List[Path]:
+    """Render every image of ``job`` into ``job.out``; return the files written, in order."""
+    from .metadata import format_parameters, hcp_record, write_png
+    from .render import render_image
+
+    loaded = load_for_generation(
+        job.model, loras=job.loras, embeddings=job.embeddings, clip_skip=job.clip_skip,
+        prediction_type=job.prediction_type, model_config=job.model_config, device=job.device, dtype=job.dtype,
+        log_fn=log_fn,
+    )  # fmt: skip
+    plans = plan_images(job, job.size or loaded.native_size())
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next_number(out)
+    written: List[Path] = []
+    for i, params in enumerate(plans):
+        image = render_image(loaded.models, loaded.encoder, params)
+        path = write_png(image, out / f"{first + i:05d}-{params.seed}.png", format_parameters(params),
+                         hcp_record(params, device=loaded.device, dtype=loaded.dtype))  # fmt: skip
+        written.append(path)
+        log_fn(f"{i + 1}/{len(plans)}: {path}")
+    return written

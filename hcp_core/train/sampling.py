@@ -1,0 +1,142 @@
+"""Samples during training: the ``[sample]`` prompts rendered with the model as it is being trained.
+
+Images go to ``<exp_dir>/samples/step-<N>/<k>.png`` (prompt ``k``, seed ``seed + k``) with a
+``grid.png`` of them all, and to TensorBoard as ``samples/<k>``. Rendering is
+:func:`hcp_core.generation.render.render_image`, the same call ``hcp generate`` makes, on the
+training modules themselves: LoRA branches, custom words and clip skip apply as in training.
+
+Sampling leaves training exactly as it was: every global RNG state is saved and restored around
+it (the noise comes from its own seeded generators anyway), modules return to their train/eval
+modes, and custom-word usage counts ignore the sample prompts. A run with sampling ends with the
+same weights as one without.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..config.schema import SampleConfig
+from ..data.prompts import fill_placeholders
+from ..generation.metadata import format_parameters, write_png
+from ..generation.params import GenerationParams
+from ..generation.render import check_renderable, make_grid, render_image
+from ..interfaces import ModelBundle
+from . import checkpoint as ckpt
+
+log = logging.getLogger("hcp")
+
+SAMPLES_DIR = "samples"
+GRID_NAME = "grid.png"
+
+
+def step_folder(exp_dir: str | Path, step: int) -> Path:
+    """``<exp_dir>/samples/step-<step>``."""
+    return Path(exp_dir) / SAMPLES_DIR / f"step-{step}"
+
+
+@contextlib.contextmanager
+def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iterator[None]:
+    """Eval mode and untouched global RNG streams inside; everything put back on the way out."""
+    modes: Dict[torch.nn.Module, bool] = {m: m.training for root in modules for m in root.modules()}
+    rng = ckpt.rng_state()
+    uses = dict(encoder.uses) if isinstance(getattr(encoder, "uses", None), dict) else None
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        ckpt.set_rng_state(rng)
+        if uses is not None:  # the "trained word appeared in no prompt" warning counts training prompts only
+            encoder.uses.clear()
+            encoder.uses.update(uses)
+
+
+class TrainingSampler:
+    """Renders ``config``'s prompts with the run's models; the main process owns one."""
+
+    def __init__(
+        self,
+        config: SampleConfig,
+        *,
+        models: ModelBundle,
+        prompt_encoder: Any,
+        exp_dir: str | Path,
+        default_size: Tuple[int, int],
+        model_path: str = "",
+        clip_skip: int = 0,
+        prediction_type: Optional[str] = None,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        writer: Optional[Any] = None,
+    ) -> None:
+        check_renderable(models, where="[sample]")  # at set-up, not at the first sample hours later
+        self.config = config
+        self.models = models
+        self.encoder = prompt_encoder
+        self.exp_dir = Path(exp_dir)
+        self.autocast = autocast
+        self.writer = writer
+        width, height = config.resolution(default_size)
+        self.params = [
+            GenerationParams(
+                prompt=fill_placeholders(prompt, config.word_names), seed=config.seed + k, model=model_path,
+                negative_prompt=config.negative_prompt, steps=config.steps, cfg=config.cfg,
+                scheduler=config.scheduler, width=width, height=height, clip_skip=clip_skip,
+                prediction_type=prediction_type,
+            )  # fmt: skip
+            for k, prompt in enumerate(config.prompts)
+        ]
+
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether ``step`` (not the last: the run's end samples anyway) is a multiple of ``every``."""
+        every = self.config.every
+        return bool(every) and step % every == 0 and step < max_steps
+
+    def sample(self, step: int) -> List[Path]:
+        """Render every prompt at ``step``; return the image files (grid last)."""
+        folder = step_folder(self.exp_dir, step)
+        images = []
+        try:
+            with isolated_from_training([self.models.unet, self.models.text_encoder, self.models.vae], self.encoder):
+                for params in self.params:
+                    images.append(render_image(self.models, self.encoder, params, autocast=self.autocast))
+        except torch.OutOfMemoryError:
+            # Hours of training are worth more than one set of samples: skip them, say how to fit them.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("samples of step %d skipped: out of memory; lower [sample].size or sample fewer prompts", step)
+            return []
+        paths = []
+        for k, (params, image) in enumerate(zip(self.params, images)):
+            text = format_parameters(params, extra={"Training step": step, "Experiment": str(self.exp_dir)})
+            paths.append(write_png(image, folder / f"{k:02d}.png", text))
+            if self.writer is not None:
+                self.writer.add_image(f"samples/{k}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        grid = make_grid(images)
+        grid.save(folder / GRID_NAME)
+        paths.append(folder / GRID_NAME)
+        if self.writer is not None:
+            self.writer.flush()
+        log.info("samples of step %d in %s", step, folder)
+        return paths
+
+
+def build_sampler(trainer: Any) -> Optional[TrainingSampler]:
+    """The sampler of a :class:`~hcp_core.train.runner.Trainer` after ``setup``; None without ``[sample]``
+    and on other processes than the main one."""
+    p = trainer.p
+    if p.sample is None or not trainer.is_main:
+        return None
+    first = next(iter(trainer.data.prepared.values()))
+    return TrainingSampler(
+        p.sample, models=trainer.models, prompt_encoder=trainer.prompt_encoder, exp_dir=trainer.exp_dir,
+        default_size=tuple(first.bucket_sizes[0]), model_path=str((Path(p.base_dir) / p.model.pretrained).resolve()),
+        clip_skip=p.model.clip_skip, prediction_type=p.model.prediction_type,
+        autocast=trainer.accelerator.autocast, writer=trainer.writer,
+    )  # fmt: skip

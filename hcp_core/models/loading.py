@@ -3,7 +3,8 @@
 Two forms are read, never downloaded:
 
 * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-  ``scheduler/``), each part loaded with its own class' ``from_pretrained``;
+  ``scheduler/``), each part loaded with its own class' ``from_pretrained``; an SDXL folder
+  (``text_encoder_2/`` with a projection, ``tokenizer_2/``) loads as ``kind = "sdxl"``;
 * a single ``.safetensors`` / ``.ckpt`` file, through diffusers' ``from_single_file``, which works
   offline only when the model's configs and tokenizer are on disk (``config=`` a diffusers folder
   of the same architecture, or the Hugging Face cache).
@@ -24,6 +25,7 @@ from ..interfaces import ModelBundle
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = SD_PARTS + ("text_encoder_2", "tokenizer_2")
 _DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
            "bf16": "bfloat16", "bfloat16": "bfloat16"}  # fmt: skip
 
@@ -72,12 +74,16 @@ def load_models(
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         scheduler=scheduler,
-        kind="sd",
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
+        kind="sdxl" if parts.get("text_encoder_2") is not None else "sd",
         source=str(path),
         prediction_type=scheduler.config.prediction_type,
     )
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(bundle, name)
+        if module is None:
+            continue
         if torch_dtype is not None:
             module.to(dtype=torch_dtype)
         if frozen:
@@ -97,28 +103,25 @@ def _quiet_loaders() -> None:
 
 
 def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
-    """Load each part of a diffusers SD folder with its own class."""
+    """Load each part of a diffusers SD or SDXL folder with its own class."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = _read_model_index(path)
-    if index.get("text_encoder_2") or index.get("_class_name", "").startswith("StableDiffusionXL"):
-        raise ModelLoadError(
-            f"'{path}' is an SDXL model ({index.get('_class_name')}); hcp loads SD 1.x/2.x models so far. "
-            "Use an SD 1.x or 2.x model for model.pretrained."
-        )
-    for part in SD_PARTS:
+    sdxl = is_sdxl_index(index)
+    for part in SDXL_PARTS if sdxl else SD_PARTS:
         _check_part(path, part, index)
 
     # DDPM whatever sampler the folder ships: config keys meant for other samplers are dropped quietly.
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}  # fmt: skip
+    if sdxl:  # SDXL's second encoder has the projection its pooled text embedding needs
+        classes.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer)
     extra: Dict[str, Dict[str, Any]] = {
-        "unet": {"variant": _weights_variant(path / "unet")},
-        "vae": {"variant": _weights_variant(path / "vae")},
-        "text_encoder": {"variant": _weights_variant(path / "text_encoder")},
-        "scheduler": {"prediction_type": prediction_type} if prediction_type else {},
+        name: {"variant": _weights_variant(path / name)}
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in classes
     }
+    extra["scheduler"] = {"prediction_type": prediction_type} if prediction_type else {}
     parts = {}
     for part, cls in classes.items():
         try:
@@ -129,6 +132,12 @@ def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
                 f"The {part}/ folder may be incomplete; copy it again from the model's source."
             ) from err
     return parts
+
+
+def is_sdxl_index(index: Dict[str, Any]) -> bool:
+    """True for the ``model_index.json`` of an SDXL pipeline (it lists a second text encoder)."""
+    entry = index.get("text_encoder_2")
+    return bool(entry and entry[0] is not None) or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
 
 
 def _read_model_index(path: Path) -> Dict[str, Any]:
@@ -152,7 +161,7 @@ def _check_part(path: Path, part: str, index: Dict[str, Any]) -> None:
     if not entry or entry[0] is None:
         raise ModelLoadError(
             f"'{path / 'model_index.json'}' lists no {part}; hcp needs a full Stable Diffusion model "
-            "(unet, vae, text_encoder, tokenizer, scheduler)."
+            f"({', '.join(SDXL_PARTS if is_sdxl_index(index) else SD_PARTS)})."
         )
     if not (path / part).is_dir():
         raise ModelLoadError(
@@ -172,21 +181,26 @@ def _weights_variant(part_dir: Path) -> Optional[str]:
 
 # --------------------------------------------------------------------------- single files
 def _load_single_file(path: Path, prediction_type: Optional[str], config: Optional[Union[str, Path]]) -> Dict[str, Any]:
-    """Read a single checkpoint file through diffusers, offline."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    """Read a single checkpoint file through diffusers, offline (an SDXL one with the SDXL pipeline)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
             f"'{path}' is neither a diffusers folder nor a checkpoint file ({', '.join(SINGLE_FILE_SUFFIXES)}); "
             "point model.pretrained at one of those."
         )
-    kwargs: Dict[str, Any] = {"local_files_only": True, "safety_checker": None, "feature_extractor": None}
+    kwargs: Dict[str, Any] = {"local_files_only": True}
+    sdxl = _is_sdxl_checkpoint(path)
     if config is not None:
         if not (Path(config) / "model_index.json").is_file():
             raise ModelLoadError(f"config '{config}' for '{path}' is not a diffusers folder (no model_index.json).")
         kwargs["config"] = str(config)
+        sdxl = sdxl or is_sdxl_index(_read_model_index(Path(config)))
+    if not sdxl:
+        kwargs.update(safety_checker=None, feature_extractor=None)
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as err:  # diffusers raises many types here (OSError, ValueError, hub errors)
         raise ModelLoadError(
             f"diffusers could not read the single-file checkpoint '{path}' offline "
@@ -196,13 +210,29 @@ def _load_single_file(path: Path, prediction_type: Optional[str], config: Option
             "folder of the same architecture."
         ) from err
     scheduler_kwargs = {"prediction_type": prediction_type} if prediction_type else {}
-    return {
+    parts = {
         "unet": pipe.unet,
         "vae": pipe.vae,
         "text_encoder": pipe.text_encoder,
         "tokenizer": pipe.tokenizer,
         "scheduler": DDPMScheduler.from_config(pipe.scheduler.config, **scheduler_kwargs),
     }
+    if sdxl:
+        parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    return parts
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    """True for a .safetensors checkpoint in SDXL's layout (its second text encoder's keys)."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(key.startswith("conditioner.embedders.1.") for key in f.keys())
+    except Exception:  # not a readable safetensors file: let diffusers report it
+        return False
 
 
 # --------------------------------------------------------------------------- helpers

@@ -20,6 +20,7 @@ from ..config.schema import Pipeline
 from ..config.toml_write import dumps
 from ..errors import UserError
 from ..interfaces import AdapterContext, LossInputs, ModelBundle
+from ..models.sdxl import unet_conditioning
 from ..plugins import get_registry
 from . import checkpoint as ckpt
 from .diffusion import draw_noise_and_timesteps, min_snr_weights, sample_seed, snr, training_target
@@ -111,7 +112,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..models.loading import load_models
-        from ..models.text_encoding import PromptEncoder
+        from ..models.sdxl import make_prompt_encoder
         from ..data.loader import build_train_data
 
         p = self.p
@@ -141,7 +142,8 @@ class Trainer:
         self.trained_params = [prm for g in groups for prm in g["params"]]
         m = self.models
         self.train_unet = any(prm.requires_grad for prm in m.unet.parameters())
-        self.train_te = any(prm.requires_grad for prm in m.text_encoder.parameters())
+        self.train_te = any(prm.requires_grad for te in (m.text_encoder, m.text_encoder_2) if te is not None
+                            for prm in te.parameters())
         self._place_models()
         self.data.cache_latents(self.models.vae, device=acc.device, rank=acc.process_index,
                                 world_size=acc.num_processes, wait=acc.wait_for_everyone)
@@ -152,7 +154,7 @@ class Trainer:
         # train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
         self.optimizer = self.accelerator.prepare(self.optimizer)
         self.unet, self.text_encoder = m.unet, m.text_encoder
-        self.prompt_encoder = PromptEncoder(m.tokenizer, self.text_encoder, clip_skip=p.model.clip_skip)
+        self.prompt_encoder = make_prompt_encoder(m, clip_skip=p.model.clip_skip)  # SDXL: both encoders
         for _, adapter in self.adapters:  # e.g. prompt tuning expands custom words into their tokens
             wrap = getattr(adapter, "wrap_prompt_encoder", None)
             if wrap is not None:
@@ -171,7 +173,8 @@ class Trainer:
         m, dev = self.models, self.accelerator.device
         mp = self.p.model.mixed_precision
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp) if dev.type == "cuda" else None
-        for name, module in (("unet", m.unet), ("text_encoder", m.text_encoder), ("vae", m.vae)):
+        parts = (("unet", m.unet), ("text_encoder", m.text_encoder), ("text_encoder_2", m.text_encoder_2), ("vae", m.vae))
+        for name, module in ((n, mod) for n, mod in parts if mod is not None):
             trained = any(prm.requires_grad for prm in module.parameters())
             module.to(dev)
             module.train(trained)
@@ -183,8 +186,9 @@ class Trainer:
         if self.p.model.gradient_checkpointing:
             if self.train_unet:
                 m.unet.enable_gradient_checkpointing()
-            if self.train_te and hasattr(m.text_encoder, "gradient_checkpointing_enable"):
-                m.text_encoder.gradient_checkpointing_enable()
+            for te in (m.text_encoder, m.text_encoder_2):
+                if te is not None and self.train_te and hasattr(te, "gradient_checkpointing_enable"):
+                    te.gradient_checkpointing_enable()
 
     def _open_tensorboard(self) -> None:
         try:
@@ -280,9 +284,9 @@ class Trainer:
             )
             noisy = scheduler.add_noise(latents, noise, t)
             with torch.set_grad_enabled(self.train_te), self.accelerator.autocast():
-                hidden = self.prompt_encoder(batch["prompts"])
+                cond = unet_conditioning(self.prompt_encoder, batch, noisy.device)  # SDXL adds pooled + time ids
             with self.accelerator.autocast():
-                pred = self.unet(noisy, t, encoder_hidden_states=hidden).sample
+                pred = self.unet(noisy, t, **cond).sample
             target = training_target(scheduler, latents, noise, t, self.models.prediction_type)
             weight_map = batch.get("weight_map")
             snr_values = snr(scheduler, t)

@@ -15,20 +15,24 @@ from .prompt_tuning.config import PromptTuningConfig
 
 @hookimpl
 def hcp_register_adapters(registry: FamilyRegistry) -> None:
-    """Register ``lora`` ([[lora_unet]], [[lora_text_encoder]], [lora]), ``finetune`` ([[unet]],
-    [[text_encoder]]) and ``prompt_tuning`` ([tokenizer_pt])."""
+    """Register ``lora`` ([[lora_unet]], [[lora_text_encoder]], [[lora_text_encoder_2]], [lora]),
+    ``finetune`` ([[unet]], [[text_encoder]], [[text_encoder_2]]) and ``prompt_tuning`` ([tokenizer_pt]).
+
+    The ``*_text_encoder_2`` sections target SDXL's second text encoder (OpenCLIP bigG);
+    ``[[lora_text_encoder]]`` / ``[[text_encoder]]`` are its first (CLIP ViT-L) on SDXL.
+    """
     registry.add(
         "lora",
         config=LoraGroupConfig,
         factory="hcp_plugins.adapters.lora.adapter:build_lora_adapter",
-        sections={"lora_unet": "unet", "lora_text_encoder": "text_encoder"},
+        sections={"lora_unet": "unet", "lora_text_encoder": "text_encoder", "lora_text_encoder_2": "text_encoder_2"},
         options=("lora", LoraOptions),
     )
     registry.add(
         "finetune",
         config=FinetuneGroup,
         factory="hcp_plugins.adapters.finetune.adapter:FinetuneAdapter",
-        sections={"unet": "unet", "text_encoder": "text_encoder"},
+        sections={"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
     )
     registry.add(
         "prompt_tuning",

@@ -73,6 +73,11 @@ class PromptTuningAdapter:
         """Install every word of ``emb_dir``; one optimizer group per trained word."""
         if self.words is not None:
             raise RuntimeError("this prompt-tuning adapter is already attached")
+        if models.kind == "sdxl":
+            raise ConfigError(
+                f"{SECTION}: custom words are not supported on SDXL models yet (they need one vector set per "
+                "text encoder); remove [tokenizer_pt] or train an SD 1.x/2.x model"
+            )
         if not self.emb_dir.is_dir():
             raise ConfigError(
                 f"{SECTION}.emb_dir: folder {self.emb_dir} does not exist; create custom words there with "

@@ -1,0 +1,98 @@
+"""A tiny Stable Diffusion XL model, written offline, for the SDXL quickstart and tests.
+
+It has SDXL's layout and conditioning with a few MB of random weights:
+
+* two CLIP text encoders, the second with a text projection (its projected pooled output is the
+  UNet's ``text_embeds``), and their tokenizers (the second pads with "!", as SDXL's does);
+* a UNet with ``addition_embed_type = "text_time"``: its cross-attention width is the two
+  encoders' hidden sizes added (their hidden states are concatenated), and its added embedding
+  takes the pooled text embedding plus six size/crop numbers (``add_time_ids``);
+* SD's 8x VAE and DDPM noise schedule.
+
+The two encoders have *different* widths on purpose, so a mix-up of their order fails loudly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .model import (
+    MARKER_FILE,
+    _seeded,
+    calibrate_scaling_factor,
+    ddpm_scheduler,
+    save_demo_tokenizer,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+    train_demo_tokenizer,
+)
+
+#: Hidden widths of the two tiny text encoders (SDXL: 768 and 1280).
+HIDDEN_1 = 32
+HIDDEN_2 = 48
+#: Width of each of the six sinusoidal size/crop embeddings (SDXL: 256).
+ADDITION_TIME_EMBED_DIM = 8
+#: SDXL's second tokenizer pads with "!" instead of the end token.
+PAD_TOKEN_2 = "!"
+
+
+def tiny_sdxl_unet(*, hidden_1: int = HIDDEN_1, hidden_2: int = HIDDEN_2, projection_dim: int = HIDDEN_2) -> Any:
+    """An SDXL-style UNet (plain top level, cross-attention below, text_time added embedding), tiny."""
+    return tiny_unet(
+        cross_attention_dim=hidden_1 + hidden_2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + projection_dim,
+    )
+
+
+def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny SDXL diffusers folder to ``out_dir`` without any download; return its path.
+
+    ``StableDiffusionXLPipeline.from_pretrained(out_dir)`` reads it. The same ``seed`` gives
+    identical weights. ``prediction_type`` is "epsilon" or "v_prediction".
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vocab, merges = train_demo_tokenizer()
+    tokenizer = save_demo_tokenizer(out / "tokenizer", vocab, merges)
+    tokenizer_2 = save_demo_tokenizer(out / "tokenizer_2", vocab, merges, pad_token=PAD_TOKEN_2)
+    # Seeds per part (offset from the SD 1.x builder's) keep each part independent of the others.
+    with _seeded(seed * 10 + 5):
+        text_encoder = tiny_text_encoder(vocab, hidden_size=HIDDEN_1)
+    with _seeded(seed * 10 + 6):
+        text_encoder_2 = tiny_text_encoder(vocab, hidden_size=HIDDEN_2, with_projection=True)
+    with _seeded(seed * 10 + 7):
+        unet = tiny_sdxl_unet(projection_dim=text_encoder_2.config.projection_dim)
+    with _seeded(seed * 10 + 8):
+        vae = tiny_vae()
+    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=ddpm_scheduler(prediction_type),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    marker = {"kind": "sdxl", "seed": seed, "prediction_type": prediction_type}
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return out

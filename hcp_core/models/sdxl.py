@@ -1,0 +1,115 @@
+"""SDXL's conditioning: two text encoders, a pooled text embedding, and size/crop ids.
+
+What the SDXL UNet takes besides the noisy latents and the timestep:
+
+* ``encoder_hidden_states``: both encoders' hidden states of the *same* layer depth, joined on
+  the last axis (encoder 1 first). SDXL uses the penultimate layer's raw output (no final layer
+  norm); hcp's ``model.clip_skip = N`` goes N layers further back on both encoders.
+* ``added_cond_kwargs["text_embeds"]``: encoder 2's projected pooled output (the first chunk's,
+  for long prompts), which clip skip does not change.
+* ``added_cond_kwargs["time_ids"]``: per sample ``(orig_h, orig_w, crop_top, crop_left,
+  target_h, target_w)``: the image's size before resizing, where the crop starts, and the size
+  trained at (the bucket). The data pipeline records all three per sample.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Sequence, Tuple, Union
+
+from ..errors import ConfigError
+from ..interfaces import ModelBundle
+from .text_encoding import EncodedPrompts, PromptEncoder, num_encoder_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: SDXL conditions on the penultimate layer: hcp's clip_skip 0 is one layer back already.
+SDXL_BASE_SKIP = 1
+
+
+def add_time_ids(original_size_hw: Any, crop_top_left: Any, target_size_hw: Any) -> "torch.Tensor":
+    """SDXL's ``time_ids`` ``[B, 6]`` float32 from three ``[B, 2]`` (height/top first) tensors or lists."""
+    import torch
+
+    parts = [torch.as_tensor(x, dtype=torch.float32).reshape(-1, 2) for x in (original_size_hw, crop_top_left, target_size_hw)]
+    if len({p.shape[0] for p in parts}) != 1:
+        raise ValueError(f"size/crop tensors disagree on the batch size: {[tuple(p.shape) for p in parts]}")
+    return torch.cat(parts, dim=1)
+
+
+class SdxlPromptEncoder:
+    """Prompts -> SDXL's text conditioning (``hidden`` [B, chunks*77, D1+D2], ``pooled`` [B, P]).
+
+    Each encoder tokenizes with its own tokenizer (SDXL's second pads with "!"); a batch where one
+    tokenizer needs more 77-token chunks than the other is padded with empty chunks so both
+    hidden states line up. ``encoders`` are the two :class:`PromptEncoder` (wrappers such as
+    prompt tuning's may replace them).
+    """
+
+    def __init__(self, models: ModelBundle, *, clip_skip: int = 0, max_chunks: int = 3) -> None:
+        if models.text_encoder_2 is None or models.tokenizer_2 is None:
+            raise ValueError("an SDXL prompt encoder needs text_encoder_2 and tokenizer_2")
+        layers = min(num_encoder_layers(models.text_encoder), num_encoder_layers(models.text_encoder_2))
+        if not 0 <= clip_skip < layers - SDXL_BASE_SKIP:
+            raise ConfigError(
+                f"model.clip_skip = {clip_skip} is out of range for this SDXL model: its text encoders have "
+                f"{layers} layers and SDXL already uses the penultimate one, so clip_skip must be between 0 and "
+                f"{layers - SDXL_BASE_SKIP - 1}."
+            )
+        self.clip_skip = clip_skip
+        skip = clip_skip + SDXL_BASE_SKIP
+        self.encoders = [
+            PromptEncoder(models.tokenizer, models.text_encoder, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
+            PromptEncoder(models.tokenizer_2, models.text_encoder_2, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
+        ]
+
+    def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple["torch.Tensor", "torch.Tensor"]:
+        """Token ids of each encoder, padded to the same number of chunks."""
+        import torch
+
+        ids = [encoder.tokenize(prompts) for encoder in self.encoders]
+        chunks = max(i.shape[1] // e.chunk_length for i, e in zip(ids, self.encoders))
+        padded = []
+        for i, encoder in zip(ids, self.encoders):
+            missing = chunks - i.shape[1] // encoder.chunk_length
+            if missing:
+                empty = torch.tensor(encoder.chunk([], missing), dtype=torch.long).expand(i.shape[0], -1)
+                i = torch.cat([i, empty], dim=1)
+            padded.append(i)
+        return padded[0], padded[1]
+
+    def encode_with_pooled(self, ids_1: "torch.Tensor", ids_2: "torch.Tensor") -> EncodedPrompts:
+        """Encode both encoders' ids; hidden states joined on the last axis, pooled from encoder 2."""
+        import torch
+
+        first = self.encoders[0].encode_with_pooled(ids_1)
+        second = self.encoders[1].encode_with_pooled(ids_2)
+        hidden = torch.cat([first.hidden, second.hidden.to(first.hidden.dtype)], dim=-1)
+        return EncodedPrompts(hidden=hidden, pooled=second.pooled)
+
+    def __call__(self, prompts: Union[str, Sequence[str]]) -> EncodedPrompts:
+        """``encode_with_pooled(*tokenize(prompts))``."""
+        return self.encode_with_pooled(*self.tokenize(prompts))
+
+
+def make_prompt_encoder(models: ModelBundle, *, clip_skip: int = 0) -> Union[PromptEncoder, SdxlPromptEncoder]:
+    """The prompt encoder the model needs: :class:`SdxlPromptEncoder` for SDXL, else :class:`PromptEncoder`."""
+    if models.kind == "sdxl":
+        return SdxlPromptEncoder(models, clip_skip=clip_skip)
+    return PromptEncoder(models.tokenizer, models.text_encoder, clip_skip=clip_skip)
+
+
+def unet_conditioning(prompt_encoder: Any, batch: Mapping[str, Any], device: Any = None) -> Dict[str, Any]:
+    """Keyword arguments for ``unet(noisy, t, **kwargs)`` for a training batch.
+
+    SD: ``encoder_hidden_states``. SDXL (an :class:`SdxlPromptEncoder`): also ``added_cond_kwargs``
+    with the pooled embedding and the ``time_ids`` from the batch's ``original_size_hw``,
+    ``crop_top_left`` and ``target_size_hw``.
+    """
+    encoded = prompt_encoder(batch["prompts"])
+    if not isinstance(encoded, EncodedPrompts):
+        return {"encoder_hidden_states": encoded}
+    time_ids = add_time_ids(batch["original_size_hw"], batch["crop_top_left"], batch["target_size_hw"])
+    return {
+        "encoder_hidden_states": encoded.hidden,
+        "added_cond_kwargs": {"text_embeds": encoded.pooled, "time_ids": time_ids.to(device or encoded.hidden.device)},
+    }

@@ -274,8 +274,13 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return save_demo_pipeline(pipe, out, kind="sd", seed=seed, prediction_type=prediction_type)
+
+
+def save_demo_pipeline(pipe: Any, out: Path, *, kind: str, seed: int, prediction_type: str) -> Path:
+    """Write a built demo pipeline as a diffusers folder plus the marker :func:`is_demo_model` reads."""
     pipe.save_pretrained(str(out), safe_serialization=True)
-    marker = {"kind": "sd", "seed": seed, "prediction_type": prediction_type}
+    marker = {"kind": kind, "seed": seed, "prediction_type": prediction_type}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -13,15 +13,14 @@ The two encoders have *different* widths on purpose, so a mix-up of their order 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .model import (
-    MARKER_FILE,
     _seeded,
     calibrate_scaling_factor,
     ddpm_scheduler,
+    save_demo_pipeline,
     save_demo_tokenizer,
     tiny_text_encoder,
     tiny_unet,
@@ -92,7 +91,4 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    marker = {"kind": "sdxl", "seed": seed, "prediction_type": prediction_type}
-    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    return out
+    return save_demo_pipeline(pipe, out, kind="sdxl", seed=seed, prediction_type=prediction_type)

@@ -1,9 +1,10 @@
 """Benchmark: hcp's training step against a minimal hand-written PyTorch LoRA loop, on the CPU.
 
-    python bench/bench_train.py                 # 1 warm-up + 8 timed steps per variant
-    python bench/bench_train.py --quick         # a smoke run: 1 warm-up + 2 timed steps
-    python bench/bench_train.py --steps 12 --warmup 2 --threads 2 --profile
+    python bench/bench_train.py                 # 1 warm-up + 9 timed steps per variant
+    python bench/bench_train.py --quick         # a smoke run: 1 warm-up + 3 timed steps
+    python bench/bench_train.py --steps 18 --threads 1 --profile
     python bench/bench_train.py --variants hcp  # only minimal vs hcp (no latent cache)
+    python bench/bench_train.py --variants minimal-b,hcp   # with an A/A control: minimal twice
 
 Both sides train the same model on the same data: an SD 1.5-architecture diffusers folder with
 random weights (see ``_sd15_arch.py``: diffusers' default UNet with ``cross_attention_dim=768``,
@@ -26,15 +27,17 @@ lets one process at a time run exactly one step, round after round, rotating who
 Step time is measured inside each process from "go" to the end of its optimizer step (for hcp,
 a stand-in for ``trainer.lr_scheduler`` whose ``step`` stops the clock, so everything
 ``Trainer.train`` does per step is counted). The first ``--warmup`` rounds are dropped (the
-first step also pages the memory-mapped weights in). Reported: median seconds per step, the
-ratio of medians and the median of the per-round ratios (each step over the minimal loop's
-step of the same round).
+first step also pages the memory-mapped weights in). Reported: median wall and CPU seconds per
+step (CPU time of the process, all threads: less disturbed by other jobs than wall time), minor
+page faults per step, the ratio of medians and the median of the per-round ratios (each step
+over the minimal loop's step of the same round), and where the wall time goes (``PARTS``, marked
+in hcp through instance attributes and a forward hook on the UNet, never by editing hcp).
 
 Memory: ``ru_maxrss`` of each process at the end (model loading included), the RSS just before
 the first step, and the peak RSS during the steps (VmHWM after resetting it through
 ``/proc/self/clear_refs``, where the kernel allows it). diffusers and transformers memory-map
-the safetensors weights, so RSS counts the model's file pages (shared between the processes)
-as they are touched; a process only pays for them once, in every variant alike.
+the safetensors weights, so RSS counts the model's file pages as they are touched (the
+processes share those pages in the page cache; every variant loads the same way).
 """
 from __future__ import annotations
 
@@ -66,7 +69,9 @@ WEIGHT_DECAY = 1e-2
 #: The attention blocks whose projections get LoRA (hcp's ``re:.*\.attn.?$`` in the SD UNet).
 ATTN_PATTERN = re.compile(r".*\.attn[12]$")
 ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-VARIANTS = ("minimal", "hcp", "hcp-cached")
+#: "minimal-b" is a second, identical minimal loop: its ratio to "minimal" is the noise floor
+#: (two processes doing the same work differ by that much on this machine).
+VARIANTS = ("minimal", "hcp", "hcp-cached", "minimal-b")
 #: Where a step's wall time goes; each worker marks the end of each part. "noise + text" also
 #: holds drawing the noise and timestep, "backward" the loss, "optimizer + rest" hcp's logging.
 PARTS = ("image + VAE", "noise + text", "UNet forward", "backward", "optimizer + rest")
@@ -117,7 +122,11 @@ class StepClock:
         self.total = total_steps
         self.warmup = warmup
         self.done = 0
-        self.start = 0.0
+        self.start = self.last_mark = self.cpu_start = 0.0
+        self.faults_start = 0
+        self.parts: Dict[str, float] = {}  # this step's seconds per PARTS entry
+        self.rss_before = 0.0
+        self.peak_reset = False
         self.profiler = None
         if profile_path:
             import cProfile
@@ -139,7 +148,7 @@ class StepClock:
         self.start = self.last_mark = time.perf_counter()
         self.cpu_start = time.process_time()
         self.faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        self.parts: Dict[str, float] = {}
+        self.parts = {}
 
     def mark(self, part: str) -> None:
         """End ``part`` (one of PARTS): the seconds since the previous mark are charged to it."""
@@ -249,13 +258,13 @@ def minimal_worker(args: argparse.Namespace, clock: StepClock) -> None:
 
 
 def pipeline_toml(model: str, data: str, exp_dir: str, *, steps: int, cached: bool, seed: int) -> str:
-    """The hcp pipeline equivalent to the minimal loop."""
+    """The hcp pipeline equivalent to the minimal loop (paths written as JSON strings, valid TOML)."""
     return f"""
 seed = {seed}
-exp_dir = "{exp_dir}"
+exp_dir = {json.dumps(exp_dir)}
 
 [model]
-pretrained = "{model}"
+pretrained = {json.dumps(model)}
 
 [train]
 max_steps = {steps}
@@ -272,7 +281,7 @@ bucket = {{ type = "fixed", target_size = [256, 256] }}
 
 [[data.bench.sources]]
 type = "image_folder"
-img_root = "{data}"
+img_root = {json.dumps(data)}
 
 [[lora_unet]]
 lr = {LR}
@@ -320,7 +329,7 @@ def time_hcp_parts(trainer: Any, clock: StepClock) -> None:
 
 
 def hcp_worker(args: argparse.Namespace, clock: StepClock) -> None:
-    """hcp's Trainer, timed by a wrapper around its LR scheduler's step (the last call of a step)."""
+    """hcp's own ``Trainer`` on the equivalent pipeline, timed from the outside (``time_hcp_parts``)."""
     import hcp_core
     from hcp_core.train.runner import Trainer
 
@@ -339,7 +348,7 @@ def hcp_worker(args: argparse.Namespace, clock: StepClock) -> None:
 def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     clock = StepClock(Channel(), args.total_steps, args.warmup, args.profile_out)
-    (minimal_worker if args.worker == "minimal" else hcp_worker)(args, clock)
+    (minimal_worker if args.worker.startswith("minimal") else hcp_worker)(args, clock)
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -423,6 +432,7 @@ def run_lock_step(variants: Sequence[str], args: argparse.Namespace, work: Path,
         for w in workers:
             if w.proc.poll() is None:
                 w.proc.kill()
+            w.log.close()
         raise
     return workers
 
@@ -470,13 +480,14 @@ def print_profiles(workers: List[Worker], top: int = 25) -> None:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 8; --quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 9; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 1)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, the same for every variant")
     parser.add_argument("--images", type=int, default=4, help="distinct images (they repeat across epochs)")
     parser.add_argument("--model", default=None, help="the model folder (built if missing; default /tmp/hcp_bench_sd15)")
-    parser.add_argument("--variants", default="hcp,hcp-cached", help="the hcp variants run next to minimal")
+    parser.add_argument("--variants", default="hcp,hcp-cached",
+                        help="what runs next to minimal: hcp, hcp-cached, minimal-b (an identical minimal loop: the noise floor)")
     parser.add_argument("--profile", action="store_true", help="cProfile every worker's steps and print the top functions")
     parser.add_argument("--seed", type=int, default=0)
     # Worker-only options (the parent passes them).
@@ -487,7 +498,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = 2 if args.quick else 8
+        args.steps = 3 if args.quick else 9
     if args.warmup is None:
         args.warmup = 1
     return args

@@ -160,11 +160,10 @@ class Trainer:
             if wrap is not None:
                 self.prompt_encoder = wrap(self.prompt_encoder)
         self.ema = Ema(self.trained_params, self.cfg.ema.decay) if self.cfg.ema.enabled else None
-        registry = get_registry()
         spec = self.cfg.loss
-        self.loss_fn = spec.build() if spec is not None else registry.losses.get("mse").build(registry.losses.get("mse").config())
-        self.masked_loss_fn = (registry.losses.get("masked_mse").build(registry.losses.get("masked_mse").config())
-                               if spec is None or spec.name == "mse" else self.loss_fn)
+        self.loss_fn = spec.build() if spec is not None else _builtin_loss("mse")
+        # Batches with attention masks switch plain MSE to its masked form; other losses get the map as is.
+        self.masked_loss_fn = _builtin_loss("masked_mse") if spec is None or spec.name == "mse" else self.loss_fn
         if self.is_main:
             self._open_tensorboard()
         self.sampler = build_sampler(self)  # None without [sample] and off the main process
@@ -415,6 +414,12 @@ class Trainer:
                 "Lower the learning rate, check the data, or use mixed_precision = \"no\"."
             )
         return loss, value
+
+
+def _builtin_loss(name: str) -> Any:
+    """A registered loss built with its default config."""
+    comp = get_registry().losses.get(name)
+    return comp.build(comp.config())
 
 
 def _latent_factor(vae: Any) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 
 import pytest
@@ -19,7 +18,6 @@ SIZES = [(96, 64), (64, 96), (80, 80), (128, 64), (64, 64), (100, 70), (70, 100)
 
 def make_folder(root, n, *, masks=False, seed=0):
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     for i in range(n):
         size = SIZES[i % len(SIZES)]
         Image.new("RGB", size, COLOURS[i % len(COLOURS)]).save(root / f"{i:03d}.png")

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 import hcp_core
 from hcp_core import plugins
 from hcp_core.errors import ConfigError
-from hcp_core.hookspecs import hookimpl
 from hcp_core.interfaces import AdapterContext
 from hcp_core.models.custom_words import (
     CustomWordPromptEncoder,

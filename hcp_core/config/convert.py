@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import attrs
 import cattrs

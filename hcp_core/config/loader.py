@@ -9,7 +9,7 @@ import copy
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, MutableMapping, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib

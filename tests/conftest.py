@@ -30,3 +30,11 @@ def demo_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hcp_core.demo.dataset import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("demo_data"), n_images=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL diffusers folder (seed 0), what ``hcp demo --sdxl`` writes. Treat it as read-only."""
+    from hcp_core.demo.sdxl import build_demo_sdxl_model
+
+    return build_demo_sdxl_model(tmp_path_factory.mktemp("sdxl_model"), seed=0)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 import hcp_core
 from hcp_core import cli
-from train_support import assert_same_tensors, hcp, hcp_env, pipeline_toml, trained_tensors, write_pipeline
+from train_support import assert_same_tensors, hcp, hcp_env, lora_on_folder_and_file, pipeline_toml, trained_tensors, write_pipeline
 
 
 def test_a_run_writes_config_checkpoints_exports_and_logs(tmp_path, demo_model_dir, demo_data_dir) -> None:
@@ -204,10 +203,5 @@ def test_a_single_file_checkpoint_trains_like_its_diffusers_folder(tmp_path, dem
                                                      "seed.toml")))
     single = tmp_path / "model.safetensors"
     merge_lora(demo_model_dir, [(str(exp_lora / "lora.safetensors"), 0.0)], tmp_path / "merged", single_file=single)
-    runs = {}
-    for name, extra in (("folder", []), ("file", [f'model.pretrained="{single}"', f'model.config="{demo_model_dir}"'])):
-        exp = tmp_path / name
-        cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, max_steps=2), f"{name}.toml")
-        hcp_core.run(hcp_core.load_config(cfg, extra))
-        runs[name] = trained_tensors(exp)
+    runs = lora_on_folder_and_file(demo_model_dir, single, demo_data_dir, tmp_path)
     assert_same_tensors(runs["folder"], runs["file"], exact=False, atol=1e-6)

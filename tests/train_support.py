@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict
 
 from safetensors.torch import load_file
 
@@ -86,3 +86,54 @@ def assert_same_tensors(a: Dict, b: Dict, exact: bool = True, atol: float = 0.0)
             assert torch.equal(a[k], b[k]), f"{k} differs"
         else:
             assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k} differs by {(a[k] - b[k]).abs().max()}"
+
+
+def lora_on_folder_and_file(model_dir: Path, single_file: Path, data: Path, tmp: Path, max_steps: int = 2) -> Dict[str, Dict]:
+    """The trained tensors of the same short LoRA run on a diffusers folder and on its single file.
+
+    The file run sets ``model.pretrained`` to the file and ``model.config`` to the folder, as a user would.
+    """
+    import hcp_core
+
+    runs = {}
+    for name, extra in (("folder", []), ("file", [f'model.pretrained="{single_file}"', f'model.config="{model_dir}"'])):
+        exp = tmp / name
+        cfg = write_pipeline(tmp, pipeline_toml(model_dir, data, exp, max_steps=max_steps), f"{name}.toml")
+        hcp_core.run(hcp_core.load_config(cfg, extra))
+        runs[name] = trained_tensors(exp)
+    return runs
+
+
+def sampling_runs(tmp: Path, model: Path, data: Path, *, adapters: str, sample: str, max_steps: int,
+                  word: str | None = None) -> Dict[str, Path]:
+    """The same short run with the ``[sample]`` table ``sample`` (key "sampled") and without it
+    ("plain"): their exp dirs. Both use clip skip 1, and ``word`` in every training prompt (samples
+    must apply both)."""
+    import hcp_core
+
+    out = {}
+    for name, extra in (("sampled", sample), ("plain", "")):
+        text = pipeline_toml(model, data, tmp / name, max_steps=max_steps, adapters=adapters, extra=extra)
+        if word:
+            text = text.replace('prompt_template = "a picture of {caption}"', f'prompt_template = "a picture of {word}, {{caption}}"')
+        text = text.replace(f'pretrained = "{model}"', f'pretrained = "{model}"\nclip_skip = 1')
+        result = hcp_core.run(hcp_core.load_config(write_pipeline(tmp, text, f"{name}.toml")))
+        assert result.step == max_steps
+        out[name] = tmp / name
+    return out
+
+
+def sample_toml(prompts: str, word_names: str = "") -> str:
+    """A ``[sample]`` table: ``prompts`` (a TOML list) every 2 steps, seed 11, 3 euler_a steps at 64x48."""
+    return f"""
+[sample]
+prompts = {prompts}
+{word_names}
+negative_prompt = "lowres"
+every = 2
+seed = 11
+steps = 3
+size = "64x48"
+scheduler = "euler_a"
+cfg = 6.0
+"""

@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Sequence, Tuple
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 #: Written into the model folder so tools can tell the demo model from a real one.
 MARKER_FILE = "hcp_demo.json"
@@ -246,7 +243,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
     ``StableDiffusionPipeline.from_pretrained(out_dir)`` reads it (no safety checker). The same
     ``seed`` gives identical weights. ``prediction_type`` is "epsilon" or "v_prediction".
     """
-    from diffusers import StableDiffusionPipeline
+    from ..models.pipelines import pipeline_class
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -264,7 +261,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
         vae = tiny_vae()
     vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
 
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline_class("sd")(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -279,6 +276,9 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
 
 def save_demo_pipeline(pipe: Any, out: Path, *, kind: str, seed: int, prediction_type: str) -> Path:
     """Write a built demo pipeline as a diffusers folder plus the marker :func:`is_demo_model` reads."""
+    from ..models.pipelines import quiet_progress_bars
+
+    quiet_progress_bars()
     pipe.save_pretrained(str(out), safe_serialization=True)
     marker = {"kind": kind, "seed": seed, "prediction_type": prediction_type}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")

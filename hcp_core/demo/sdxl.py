@@ -59,7 +59,7 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
     ``StableDiffusionXLPipeline.from_pretrained(out_dir)`` reads it. The same ``seed`` gives
     identical weights. ``prediction_type`` is "epsilon" or "v_prediction".
     """
-    from diffusers import StableDiffusionXLPipeline
+    from ..models.pipelines import pipeline_class
 
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
@@ -80,7 +80,7 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
         vae = tiny_vae()
     vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
 
-    pipe = StableDiffusionXLPipeline(
+    pipe = pipeline_class("sdxl")(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Union
 
 from ..errors import UserError
 from ..interfaces import ModelBundle
+from .pipelines import quiet_progress_bars
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -57,7 +58,7 @@ def load_models(
             + ", ".join(repr(p) for p in PREDICTION_TYPES[:2])
             + " or leave it out to use the scheduler config's"
         )
-    _quiet_loaders()
+    quiet_progress_bars()
     torch_dtype = _torch_dtype(dtype)
     path = Path(pretrained).expanduser()
     if not path.exists():
@@ -93,15 +94,6 @@ def load_models(
 
 
 # --------------------------------------------------------------------------- diffusers folders
-def _quiet_loaders() -> None:
-    """Per-file "Loading weights" bars drown the training log; hcp reports loading itself."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
     """Load each part of a diffusers SD or SDXL folder with its own class."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -182,7 +174,9 @@ def _weights_variant(part_dir: Path) -> Optional[str]:
 # --------------------------------------------------------------------------- single files
 def _load_single_file(path: Path, prediction_type: Optional[str], config: Optional[Union[str, Path]]) -> Dict[str, Any]:
     """Read a single checkpoint file through diffusers, offline (an SDXL one with the SDXL pipeline)."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMScheduler
+
+    from .pipelines import pipeline_class
 
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
@@ -198,9 +192,8 @@ def _load_single_file(path: Path, prediction_type: Optional[str], config: Option
         sdxl = sdxl or is_sdxl_index(_read_model_index(Path(config)))
     if not sdxl:
         kwargs.update(safety_checker=None, feature_extractor=None)
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     try:
-        pipe = pipeline_class.from_single_file(str(path), **kwargs)
+        pipe = pipeline_class("sdxl" if sdxl else "sd").from_single_file(str(path), **kwargs)
     except Exception as err:  # diffusers raises many types here (OSError, ValueError, hub errors)
         raise ModelLoadError(
             f"diffusers could not read the single-file checkpoint '{path}' offline "
@@ -219,7 +212,28 @@ def _load_single_file(path: Path, prediction_type: Optional[str], config: Option
     }
     if sdxl:
         parts.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
+    _check_all_weights_read(path, parts)
     return parts
+
+
+def _check_all_weights_read(path: Path, parts: Dict[str, Any]) -> None:
+    """Refuse a model with weights the file did not hold.
+
+    diffusers builds text encoders on the meta device and fills in what the file has; a weight the
+    file lacks stays an empty meta tensor without a word (and training would fail far from here).
+    """
+    for name, module in parts.items():
+        if not hasattr(module, "named_parameters"):  # tokenizers, scheduler
+            continue
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        missing = [key for key, tensor in tensors if tensor.is_meta]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ModelLoadError(
+                f"the single-file checkpoint '{path}' lacks {len(missing)} of the {len(tensors)} weights of the "
+                f"{name} ({shown}): the file is incomplete, or its layout is not one diffusers reads (an SDXL file "
+                "whose two text encoders have the same width is one). Use the model's diffusers folder instead."
+            )
 
 
 def _is_sdxl_checkpoint(path: Path) -> bool:

@@ -1,13 +1,17 @@
-"""Write an SD 1.x model as one original-layout (ldm) checkpoint, the file webui and ComfyUI load.
+"""Write an SD 1.x or SDXL model as one original-layout (ldm / SGM) checkpoint, the file webui and ComfyUI load.
 
-Keys: ``model.diffusion_model.*`` (UNet, ldm block numbering), ``first_stage_model.*`` (VAE) and
-``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). This is the reverse of the
-mapping diffusers' ``from_single_file`` reads; the tests check the round trip through it.
+Keys: ``model.diffusion_model.*`` (UNet, ldm block numbering; SDXL's added embedding is
+``label_emb.0``), ``first_stage_model.*`` (VAE), and the text encoders: SD 1.x's CLIP under
+``cond_stage_model.transformer.text_model.*``; SDXL's first (CLIP) under
+``conditioner.embedders.0.transformer.text_model.*`` and its second in OpenCLIP's layout under
+``conditioner.embedders.1.model.*``. This is the reverse of the mapping diffusers'
+``from_single_file`` reads; the tests check the round trip through it.
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -16,10 +20,18 @@ from ..errors import UserError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+#: OpenCLIP's contrastive temperature as trained models end with it (clamped at ln 100). The text
+#: tower never uses it; SDXL files carry it, and loaders that build OpenCLIP's whole model expect it.
+OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
 
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]  # fmt: skip
 _VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+# Inside one OpenCLIP residual block (after q, k and v are fused into ``self_attn.in_proj_*``).
+_OPEN_CLIP_BLOCK = [("self_attn", "attn"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                    ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
 
 
 class LdmLayoutError(UserError):
@@ -31,6 +43,12 @@ def _rename_first(rest: str, pairs: List[Tuple[str, str]]) -> str:
         if rest == new or rest.startswith(new + "."):
             return old + rest[len(new):]
     return rest
+
+
+def _two_linears(diffusers_name: str, ldm_name: str) -> Tuple[re.Pattern, Callable[[re.Match], str]]:
+    """``<name>.linear_1/2.*`` -> ``<ldm>.0/2.*``: an MLP whose SiLU sits between at index 1."""
+    pattern = re.compile(re.escape(diffusers_name) + r"\.linear_([12])\.(.*)")
+    return pattern, lambda m: f"{ldm_name}.{0 if m[1] == '1' else 2}.{m[2]}"
 
 
 def _unet_rules(config: Mapping[str, Any]) -> List[Tuple[re.Pattern, Callable[[re.Match], str]]]:
@@ -65,7 +83,8 @@ def _unet_rules(config: Mapping[str, Any]) -> List[Tuple[re.Pattern, Callable[[r
         return f"middle_block.{0 if k == 0 else 2}.{_rename_first(rest, _RESNET)}"
 
     return [
-        (re.compile(r"time_embedding\.linear_([12])\.(.*)"), lambda m: f"time_embed.{0 if m[1] == '1' else 2}.{m[2]}"),
+        _two_linears("time_embedding", "time_embed"),
+        _two_linears("add_embedding", "label_emb.0"),  # SDXL's pooled-text + size/crop embedding
         (re.compile(r"conv_in\.(.*)"), lambda m: f"input_blocks.0.0.{m[1]}"),
         (re.compile(r"conv_norm_out\.(.*)"), lambda m: f"out.0.{m[1]}"),
         (re.compile(r"conv_out\.(.*)"), lambda m: f"out.2.{m[1]}"),
@@ -130,15 +149,72 @@ def vae_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> 
     return out
 
 
-def sd1_checkpoint(
+_OPEN_CLIP_RULES = [
+    (re.compile(r"text_model\.embeddings\.token_embedding\.(.*)"), lambda m: f"token_embedding.{m[1]}"),
+    (re.compile(r"text_model\.embeddings\.position_embedding\.weight"), lambda m: "positional_embedding"),
+    (re.compile(r"text_model\.final_layer_norm\.(.*)"), lambda m: f"ln_final.{m[1]}"),
+    (re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.*)"),
+     lambda m: f"transformer.resblocks.{m[1]}.{_rename_first(m[2], _OPEN_CLIP_BLOCK)}"),
+    (re.compile(r"text_projection\.weight"), lambda m: "text_projection"),
+]  # fmt: skip
+_QKV = re.compile(r"(text_model\.encoder\.layers\.\d+\.self_attn)\.([qkv])_proj\.(weight|bias)")
+
+
+def _fuse_qkv(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """OpenCLIP's attention keeps q, k and v as one ``in_proj`` matrix (rows q, then k, then v)."""
+    out: Dict[str, torch.Tensor] = {}
+    parts: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = _QKV.fullmatch(key)
+        if m:
+            parts.setdefault((m[1], m[3]), {})[m[2]] = value
+        else:
+            out[key] = value
+    for (attn, kind), qkv in parts.items():
+        if sorted(qkv) != ["k", "q", "v"]:
+            raise LdmLayoutError(f"single-file export: {attn} lacks a {kind} for one of q, k, v (has {sorted(qkv)})")
+        out[f"{attn}.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return out
+
+
+def text_encoder_2_to_open_clip(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict (``text_model.*``, ``text_projection.weight``) in OpenCLIP names.
+
+    OpenCLIP multiplies by ``text_projection`` on the right (``x @ P``), so it stores the
+    transpose of the Linear layer's weight. ``logit_scale`` is added (see OPEN_CLIP_LOGIT_SCALE).
+    """
+    if "text_projection.weight" not in state:
+        raise LdmLayoutError(
+            "single-file export: SDXL's second text encoder needs its text_projection (CLIPTextModelWithProjection)"
+        )
+    out = _convert(_fuse_qkv(state), _OPEN_CLIP_RULES, "second text encoder")
+    out["text_projection"] = out["text_projection"].t().contiguous()
+    out["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=out["text_projection"].dtype)
+    return out
+
+
+def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def ldm_state_dict(
     unet_state: Mapping[str, torch.Tensor],
     unet_config: Mapping[str, Any],
     vae_state: Mapping[str, torch.Tensor],
     vae_config: Mapping[str, Any],
     text_state: Mapping[str, torch.Tensor],
+    text_2_state: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """The whole ldm checkpoint; ``text_state`` has the standard ``text_model.`` keys."""
-    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet_state, unet_config).items()}
-    out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae_state, vae_config).items()})
-    out.update({TEXT_PREFIX + k: v for k, v in text_state.items()})
+    """The whole original-layout checkpoint: SD 1.x's (ldm), or SDXL's (SGM) when ``text_2_state`` is given.
+
+    ``text_state`` is the (first) text encoder's weights with the standard ``text_model.`` keys;
+    ``text_2_state`` is SDXL's second encoder's (CLIPTextModelWithProjection) state dict.
+    """
+    out = _prefixed(UNET_PREFIX, unet_to_ldm(unet_state, unet_config))
+    out.update(_prefixed(VAE_PREFIX, vae_to_ldm(vae_state, vae_config)))
+    if text_2_state is None:
+        out.update(_prefixed(TEXT_PREFIX, text_state))
+    else:
+        out.update(_prefixed(SDXL_TEXT_PREFIX, text_state))
+        out.update(_prefixed(SDXL_TEXT_2_PREFIX, text_encoder_2_to_open_clip(text_2_state)))
     return out

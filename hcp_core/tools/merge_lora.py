@@ -1,10 +1,10 @@
 """``hcp tools merge-lora``: fold LoRA files into a model and write it as a new diffusers folder.
 
-The output folder is a copy of the input with the merged UNet and text encoder weights; the text
-encoder is written with the standard ``text_model.``-prefixed keys, which transformers 4 and 5,
-webui and ComfyUI all read (transformers 5's own ``save_pretrained`` leaves the prefix out, and
-transformers 4 then silently starts from random weights). Optionally one original-layout
-single-file checkpoint is written too (SD 1.x).
+The output folder is a copy of the input with the merged UNet and text encoder weights (both of
+SDXL's encoders); text encoders are written with the standard ``text_model.``-prefixed keys, which
+transformers 4 and 5, webui and ComfyUI all read (transformers 5's own ``save_pretrained`` leaves
+the prefix out, and transformers 4 then silently starts from random weights). Optionally one
+original-layout single-file checkpoint is written too (SD 1.x and SDXL).
 """
 from __future__ import annotations
 
@@ -92,11 +92,16 @@ def merge_lora(
         apply_lora_file(models, path, weight, kind=models.kind)
 
     shutil.copytree(src, dst, dirs_exist_ok=True)
-    unet_dtype, te_dtype = _stored_dtype(src / "unet"), _stored_dtype(src / "text_encoder")
+    unet_dtype = _stored_dtype(src / "unet")
     _clear_weights(dst / "unet")
     _save(models.unet.state_dict(), dst / "unet" / "diffusion_pytorch_model.safetensors", unet_dtype)
-    _clear_weights(dst / "text_encoder")
-    _save(text_encoder_state(models.text_encoder), dst / "text_encoder" / "model.safetensors", te_dtype)
+    for part in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(models, part)
+        if encoder is None:
+            continue
+        te_dtype = _stored_dtype(src / part)
+        _clear_weights(dst / part)
+        _save(text_encoder_state(encoder), dst / part / "model.safetensors", te_dtype)
 
     if single_file is not None:
         write_single_file(models, Path(single_file), unet_dtype)
@@ -104,22 +109,24 @@ def merge_lora(
 
 
 def write_single_file(models, path: Path, dtype) -> Path:
-    """Write ``models`` (SD 1.x) as one original-layout checkpoint at ``path``."""
-    from .ldm_checkpoint import sd1_checkpoint
+    """Write ``models`` (SD 1.x or SDXL) as one original-layout checkpoint at ``path``."""
+    from .ldm_checkpoint import ldm_state_dict
 
     # SD 2.x keeps an OpenCLIP text encoder (1024 wide, plain gelu) under another key layout.
     te_config = models.text_encoder.config
-    if models.kind != "sd" or te_config.hidden_size == 1024 or te_config.hidden_act == "gelu":
+    sd2 = models.kind == "sd" and (te_config.hidden_size == 1024 or te_config.hidden_act == "gelu")
+    if sd2 or models.kind not in ("sd", "sdxl"):
         raise UserError(
-            "--single-file: only SD 1.x models (OpenAI CLIP text encoder) can be written as one file so far; "
-            "use the diffusers folder for this model."
+            "--single-file: only SD 1.x (OpenAI CLIP text encoder) and SDXL models can be written as one file so "
+            "far; use the diffusers folder for this model."
         )
     if path.suffix != ".safetensors":
         raise UserError(f"--single-file {path}: give a .safetensors path")
-    state = sd1_checkpoint(
+    state = ldm_state_dict(
         models.unet.state_dict(), dict(models.unet.config),
         models.vae.state_dict(), dict(models.vae.config),
         text_encoder_state(models.text_encoder),
+        text_encoder_state(models.text_encoder_2) if models.kind == "sdxl" else None,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(state, path, dtype)
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a LoRA .safetensors (kohya or PEFT layout), optionally with a weight (default 1.0); repeat for several",
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="the new diffusers folder (must not exist or be empty)")
-    parser.add_argument("--single-file", help="also write one original-layout .safetensors checkpoint (SD 1.x)")
+    parser.add_argument("--single-file", help="also write one original-layout .safetensors checkpoint (SD 1.x, SDXL)")
     return parser
 
 

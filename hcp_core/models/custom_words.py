@@ -19,177 +19,40 @@ Names are matched **case-insensitively** (CLIP lowercases every prompt, so ``My-
 letter, digit, ``_`` or ``-`` (``my-cat`` does not match inside ``my-cat-toy``). When names
 overlap, the longest wins.
 
-Files, read with :func:`read_embedding` / written with :func:`write_embedding`: the A1111 ``.pt``
-layout (``{"string_to_param": {"*": T[N, dim]}, "name", "step", ...}``, read with
-``torch.load(weights_only=True)``, never unpickling arbitrary objects) and ``.safetensors``
-holding one tensor (``{name: T[N, dim]}``, or webui's ``emb_params``). A word's name is its file's
-stem. These are the layouts diffusers' ``load_textual_inversion``, webui and ComfyUI read.
+Files (A1111 ``.pt``, ``.safetensors``, SDXL's ``{clip_l, clip_g}``) are read and written by
+:mod:`hcp_core.models.custom_word_files`; its names are importable from here too.
+:func:`attach_custom_words` installs words into every text encoder of a model (both of SDXL's,
+each from its own vector set) and wraps the prompt encoder to match.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import os
 import re
-import tempfile
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import DataError, UserError
+from ..errors import UserError
+from .custom_word_files import (  # noqa: F401  (re-exported: the files API is importable from here)
+    EMBEDDING_SUFFIXES,
+    SD_PARTS,
+    SDXL_FILE_KEYS,
+    SDXL_PARTS,
+    EmbeddingFileError,
+    WordVectors,
+    embedding_files,
+    load_embeddings,
+    load_word_sets,
+    parts_of,
+    read_embedding,
+    read_word_file,
+    write_embedding,
+)
 from .text_encoding import PromptEncoder
 
 log = logging.getLogger(__name__)
-
-#: File suffixes a folder of custom words is scanned for.
-EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
-#: A1111 files carry a token id for their "*" placeholder (265 is "*" in SD's CLIP vocabulary);
-#: readers ignore it, but some older loaders expect the key.
-_A1111_STAR_TOKEN = 265
-
-
-class EmbeddingFileError(DataError):
-    """A custom-word file hcp cannot read, or one that does not fit the model."""
-
-
-# --------------------------------------------------------------------------- files
-def read_embedding(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """The vectors ``[N, dim]`` (float32, CPU) stored in a custom-word file.
-
-    Reads A1111 ``.pt`` dicts (``string_to_param``), webui ``emb_params``, diffusers-style
-    ``{token: tensor}`` files (``.safetensors`` or ``.bin``) and a bare tensor. Pickled files are
-    read with ``weights_only=True``: a file that needs arbitrary Python objects is refused.
-    """
-    path = Path(path)
-    data: Any
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path), device="cpu")
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise EmbeddingFileError(f"custom word file {path} does not exist") from None
-    except Exception as exc:  # unpickling refused, corrupt file, not a safetensors file ...
-        raise EmbeddingFileError(
-            f"custom word file {path} cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "hcp reads .pt files with torch.load(weights_only=True) and never unpickles other objects. "
-            "Re-save it as .safetensors holding one tensor [N, dim]."
-        ) from None
-    vectors = _vectors_of(data, path)
-    if vectors.dim() == 1:  # one vector saved without its row axis (diffusers' learned_embeds.bin)
-        vectors = vectors.unsqueeze(0)
-    if vectors.dim() != 2 or vectors.shape[0] < 1 or not vectors.is_floating_point():
-        raise EmbeddingFileError(
-            f"custom word file {path}: expected float vectors of shape [N, dim], got {vectors.dtype} {tuple(vectors.shape)}"
-        )
-    return vectors.detach().to(torch.float32).contiguous()
-
-
-def _vectors_of(data: Any, path: Path) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        return data
-    if not isinstance(data, Mapping):
-        raise EmbeddingFileError(f"custom word file {path}: expected a tensor or a dict of tensors, got {type(data).__name__}")
-    if "string_to_param" in data:  # A1111
-        params = data["string_to_param"]
-        if not isinstance(params, Mapping) or len(params) != 1:
-            raise EmbeddingFileError(f"custom word file {path}: 'string_to_param' must hold exactly one tensor")
-        return next(iter(params.values()))
-    if "emb_params" in data:  # webui's safetensors layout
-        return data["emb_params"]
-    if "clip_l" in data or "clip_g" in data:
-        raise EmbeddingFileError(
-            f"custom word file {path} is an SDXL embedding (clip_l / clip_g); it does not fit this SD 1.x/2.x text encoder"
-        )
-    tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
-    if len(tensors) != 1:
-        keys = ", ".join(map(str, list(data)[:6]))
-        raise EmbeddingFileError(
-            f"custom word file {path}: expected one tensor (or the A1111 'string_to_param' layout), found keys {keys}"
-        )
-    return tensors[0]
-
-
-def write_embedding(
-    path: Union[str, os.PathLike], name: str, vectors: torch.Tensor, *, step: Optional[int] = None,
-    model: Optional[str] = None,
-) -> Path:  # fmt: skip
-    """Write ``vectors`` [N, dim] as custom word ``name``; the format follows the suffix.
-
-    ``.pt``: the A1111 layout (``string_to_param`` -> ``*`` -> tensor, plus ``name``, ``step``,
-    ``sd_checkpoint_name``); ``.safetensors``: ``{name: tensor}``. The file is written under a
-    temporary name and renamed, so a reader never sees half a file. Returns the path.
-    """
-    path = Path(path)
-    tensor = vectors.detach().to("cpu", torch.float32).contiguous().clone()
-    if tensor.dim() != 2:
-        raise ValueError(f"vectors must be [N, dim], got shape {tuple(tensor.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        suffix = path.suffix.lower()
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({name: tensor}, tmp, metadata={"format": "pt", "name": name, "step": str(step or 0)})
-        elif suffix in (".pt", ".bin"):
-            torch.save({
-                "string_to_token": {"*": _A1111_STAR_TOKEN},
-                "string_to_param": {"*": tensor},
-                "name": name,
-                "step": int(step or 0),
-                "sd_checkpoint": None,
-                "sd_checkpoint_name": model,
-            }, tmp)  # fmt: skip
-        else:
-            raise ValueError(f"{path}: custom words are written as .pt or .safetensors")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def embedding_files(emb_dir: Union[str, os.PathLike]) -> Dict[str, List[Path]]:
-    """Word name -> its files in ``emb_dir`` (top level only; sub-folders are not scanned).
-
-    A word may have a ``.pt`` and a ``.safetensors`` file (what an export writes). Names that
-    differ only in case are the same word and are listed together under the first one found.
-    """
-    folder = Path(emb_dir)
-    if not folder.is_dir():
-        raise EmbeddingFileError(f"custom word folder {folder} does not exist (or is not a folder)")
-    found: Dict[str, List[Path]] = {}
-    canonical: Dict[str, str] = {}
-    for file in sorted(folder.iterdir()):
-        if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in EMBEDDING_SUFFIXES:
-            continue
-        name = canonical.setdefault(file.stem.lower(), file.stem)
-        found.setdefault(name, []).append(file)
-    return found
-
-
-def load_embeddings(emb_dir: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Every custom word in ``emb_dir``: name (file stem) -> vectors ``[N, dim]``.
-
-    Two files of one word must hold the same vectors; otherwise it is an error naming both.
-    """
-    words: Dict[str, torch.Tensor] = {}
-    for name, files in embedding_files(emb_dir).items():
-        first = read_embedding(files[0])
-        for other in files[1:]:
-            again = read_embedding(other)
-            if again.shape != first.shape or not torch.equal(again, first):
-                raise EmbeddingFileError(
-                    f"custom word '{name}' is defined twice with different vectors: {files[0]} and {other}; "
-                    "remove one of them"
-                )
-        words[name] = first
-    return words
 
 
 # --------------------------------------------------------------------------- the embedding module
@@ -431,3 +294,40 @@ class CustomWordPromptEncoder(PromptEncoder):
             ids += word
             self.uses[name] += 1
         return ids
+
+
+# --------------------------------------------------------------------------- whole models
+def install_word_sets(
+    models: Any, words: Mapping[str, WordVectors], *, trainable: Iterable[str] = ()
+) -> Dict[str, CustomWords]:
+    """Install ``words`` (name -> part -> ``[N, dim]``) into every text encoder of ``models``.
+
+    SD models have one text encoder (part ``text_encoder``), SDXL two (each gets its own vectors:
+    ``clip_l`` and ``clip_g``); a word must have the same ``N`` for every encoder, since it takes
+    ``N`` prompt positions in each. Returns part -> :class:`CustomWords`.
+    """
+    parts = parts_of(getattr(models, "kind", "sd"))
+    for name, sets in words.items():
+        missing = [p for p in parts if p not in sets]
+        if missing:
+            raise EmbeddingFileError(f"custom word '{name}' has no vectors for {', '.join(missing)}")
+        rows = {p: int(sets[p].shape[0]) for p in parts}
+        if len(set(rows.values())) != 1:
+            raise EmbeddingFileError(f"custom word '{name}' has a different number of vectors per text encoder: {rows}")
+    trained = list(trainable)
+    return {
+        part: install_custom_words(models.part(part), {n: sets[part] for n, sets in words.items()}, trainable=trained)
+        for part in parts
+    }
+
+
+def wrap_for_words(encoder: Any, installed: Mapping[str, CustomWords]) -> Any:
+    """A prompt encoder like ``encoder`` that expands the words of ``installed`` (from
+    :func:`install_word_sets`): a :class:`CustomWordPromptEncoder`, or for SDXL's two-encoder
+    prompt encoder a copy whose encoders are each wrapped with their own words."""
+    inner = getattr(encoder, "encoders", None)
+    if inner is None:
+        return CustomWordPromptEncoder.wrap(encoder, installed[SD_PARTS[0]])
+    wrapped = copy.copy(encoder)
+    wrapped.encoders = [CustomWordPromptEncoder.wrap(e, installed[part]) for e, part in zip(inner, SDXL_PARTS)]
+    return wrapped

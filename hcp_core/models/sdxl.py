@@ -13,7 +13,7 @@ What the SDXL UNet takes besides the noisy latents and the timestep:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 from ..interfaces import ModelBundle
@@ -36,6 +36,15 @@ def add_time_ids(original_size_hw: Any, crop_top_left: Any, target_size_hw: Any)
     return torch.cat(parts, dim=1)
 
 
+def max_clip_skip(models: ModelBundle) -> int:
+    """The largest ``clip_skip`` ``models`` allows: its text encoders' layers less one (on SDXL,
+    less one more, since SDXL already conditions on the penultimate layer)."""
+    if models.kind == "sdxl":
+        layers = min(num_encoder_layers(models.text_encoder), num_encoder_layers(models.text_encoder_2))
+        return layers - SDXL_BASE_SKIP - 1
+    return num_encoder_layers(models.text_encoder) - 1
+
+
 class SdxlPromptEncoder:
     """Prompts -> SDXL's text conditioning (``hidden`` [B, chunks*77, D1+D2], ``pooled`` [B, P]).
 
@@ -48,12 +57,12 @@ class SdxlPromptEncoder:
     def __init__(self, models: ModelBundle, *, clip_skip: int = 0, max_chunks: int = 3) -> None:
         if models.text_encoder_2 is None or models.tokenizer_2 is None:
             raise ValueError("an SDXL prompt encoder needs text_encoder_2 and tokenizer_2")
-        layers = min(num_encoder_layers(models.text_encoder), num_encoder_layers(models.text_encoder_2))
-        if not 0 <= clip_skip < layers - SDXL_BASE_SKIP:
+        if not 0 <= clip_skip <= max_clip_skip(models):
+            layers = max_clip_skip(models) + SDXL_BASE_SKIP + 1
             raise ConfigError(
                 f"model.clip_skip = {clip_skip} is out of range for this SDXL model: its text encoders have "
                 f"{layers} layers and SDXL already uses the penultimate one, so clip_skip must be between 0 and "
-                f"{layers - SDXL_BASE_SKIP - 1}."
+                f"{max_clip_skip(models)}."
             )
         self.clip_skip = clip_skip
         skip = clip_skip + SDXL_BASE_SKIP
@@ -61,6 +70,12 @@ class SdxlPromptEncoder:
             PromptEncoder(models.tokenizer, models.text_encoder, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
             PromptEncoder(models.tokenizer_2, models.text_encoder_2, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
         ]
+
+    @property
+    def uses(self) -> Optional[Dict[str, int]]:
+        """How often each custom word was put into a prompt (encoder 1's count; both encoders see
+        the same prompts), or None without custom words."""
+        return getattr(self.encoders[0], "uses", None)
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple["torch.Tensor", "torch.Tensor"]:
         """Token ids of each encoder, padded to the same number of chunks."""

@@ -12,6 +12,10 @@ dropped; missing rows are added at the end, drawn from N(0, s^2) where s is the 
 of the model's token embedding table (so they look like ordinary token vectors). Without
 ``--init-text`` all N rows are drawn that way. ``--seed`` makes the random rows reproducible.
 
+For an SDXL model the word gets one vector set per text encoder, each made this way from its own
+tokenizer and token table (random rows come from one seeded stream, encoder 1 first), and the file
+holds ``{clip_l, clip_g}``.
+
 The word is written to ``OUT/NAME.pt`` (A1111 layout) or ``OUT/NAME.safetensors``. A NAME the
 tokenizer already reads as one token is refused (prompts could not use both), as is an existing
 word file unless ``--force``.
@@ -23,7 +27,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import attrs
 
@@ -116,23 +120,33 @@ def _check_name(name: str) -> None:
         raise UserError(f"NAME {name!r}: a custom word name is a file name; leave out / \\ : * ? \" < > | and a leading dot")
 
 
-def _load_text_parts(model: str) -> Tuple[Any, "torch.Tensor"]:
-    """The tokenizer and the token embedding table of ``model`` (a diffusers folder or a checkpoint)."""
+#: Folder of each text encoder part's tokenizer in a diffusers model folder.
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+def _load_text_parts(model: str) -> Dict[str, Tuple[Any, "torch.Tensor"]]:
+    """Text encoder part -> (tokenizer, token embedding table) of ``model`` (a diffusers folder or
+    a checkpoint): one part for SD 1.x/2.x, two for SDXL."""
     path = Path(model)
     if (path / "tokenizer").is_dir() and (path / "text_encoder").is_dir():
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a one-line tool needs no "Loading weights" bar
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+        found = [part for part in classes if (path / part).is_dir() and (path / _TOKENIZER_OF[part]).is_dir()]
+        loaded = {
+            part: (CLIPTokenizer.from_pretrained(str(path / _TOKENIZER_OF[part])),
+                   classes[part].from_pretrained(str(path / part)))
+            for part in found
+        }  # fmt: skip
     else:  # a single-file checkpoint: the full loader knows how
+        from ..models.custom_words import parts_of
         from ..models.loading import load_models
 
         bundle = load_models(model)
-        tokenizer, text_encoder = bundle.tokenizer, bundle.text_encoder
-    return tokenizer, text_encoder.get_input_embeddings().weight.detach()
+        loaded = {part: (getattr(bundle, _TOKENIZER_OF[part]), bundle.part(part)) for part in parts_of(bundle.kind)}
+    return {part: (tok, enc.get_input_embeddings().weight.detach()) for part, (tok, enc) in loaded.items()}
 
 
 def create_embedding(
@@ -146,7 +160,11 @@ def create_embedding(
     seed: Optional[int] = None,
     force: bool = False,
 ) -> Tuple[Path, "torch.Tensor", List[str]]:
-    """Create custom word ``name`` for ``model``; return (file written, vectors, notes)."""
+    """Create custom word ``name`` for ``model``; return (file written, vectors, notes).
+
+    The vectors are a tensor ``[N, dim]``, or for SDXL a dict part -> tensor (``text_encoder``,
+    ``text_encoder_2``).
+    """
     import torch
 
     from ..models.custom_words import embedding_files, is_single_token, write_embedding
@@ -163,22 +181,26 @@ def create_embedding(
         existing = [str(f) for n, files in embedding_files(out_dir).items() if n.lower() == name.lower() for f in files]
         if existing:
             raise UserError(f"custom word '{name}' already exists: {', '.join(existing)}; add --force to overwrite it")
-    tokenizer, table = _load_text_parts(model)
-    window = int(tokenizer.model_max_length) - 2  # BOS and EOS take two positions of the window
-    if n_tokens > window:
-        raise UserError(f"N_TOKENS = {n_tokens}: at most {window} vectors fit in {model}'s prompt window")
-    if is_single_token(tokenizer, name):
-        raise UserError(
-            f"NAME '{name}' is already one token of {model}'s tokenizer; a custom word must be a new name "
-            f"(e.g. '{name}-v1' or 'my-{name}') so prompts can still use the original word"
-        )
+    text_parts = _load_text_parts(model)
+    for tokenizer, _ in text_parts.values():
+        window = int(tokenizer.model_max_length) - 2  # BOS and EOS take two positions of the window
+        if n_tokens > window:
+            raise UserError(f"N_TOKENS = {n_tokens}: at most {window} vectors fit in {model}'s prompt window")
+        if is_single_token(tokenizer, name):
+            raise UserError(
+                f"NAME '{name}' is already one token of {model}'s tokenizer; a custom word must be a new name "
+                f"(e.g. '{name}-v1' or 'my-{name}') so prompts can still use the original word"
+            )
     notes: List[str] = []
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
         notes.append(f"random rows drawn with --seed {seed}")
-    vectors, fit_notes = init_vectors(parts, n_tokens, tokenizer=tokenizer, table=table,
-                                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    notes += fit_notes
+    generator = torch.Generator().manual_seed(seed)
+    per_part: Dict[str, "torch.Tensor"] = {}
+    for part, (tokenizer, table) in text_parts.items():
+        per_part[part], fit_notes = init_vectors(parts, n_tokens, tokenizer=tokenizer, table=table, generator=generator)
+        notes += [note for note in fit_notes if note not in notes]  # SDXL: the same note for both encoders
+    vectors: Any = next(iter(per_part.values())) if len(per_part) == 1 else per_part
     if force and out_dir.is_dir():  # a file of the word in the other format would keep the old vectors
         for f in (f for n, files in embedding_files(out_dir).items() if n.lower() == name.lower() for f in files):
             if f != target:
@@ -209,12 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; user errors propagate as :class:`UserError` for the CLI to print."""
+    from ..models.custom_word_files import SDXL_FILE_KEYS
+
     args = build_parser().parse_args(argv)
     path, vectors, notes = create_embedding(args.model, args.name, args.n_tokens, init_text=args.init_text,
                                             out=args.out, fmt=args.fmt, seed=args.seed, force=args.force)  # fmt: skip
     for note in notes:
         print(f"note: {note}")
-    print(f"created custom word '{args.name}': {vectors.shape[0]} x {vectors.shape[1]} vectors in {path}")
+    sets = vectors.items() if isinstance(vectors, dict) else [("", vectors)]
+    shapes = " + ".join(f"{v.shape[0]} x {v.shape[1]}" + (f" ({SDXL_FILE_KEYS[part]})" if part else "") for part, v in sets)
+    print(f"created custom word '{args.name}': {shapes} vectors in {path}")
     return 0
 
 

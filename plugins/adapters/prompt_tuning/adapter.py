@@ -5,8 +5,12 @@ Every word in ``[tokenizer_pt].emb_dir`` is installed into the text encoder (see
 ``train`` are Parameters with their own optimizer group and learning rate. Words not listed, and
 the model's own token table, never change.
 
+On SDXL every word has one vector set per text encoder (``clip_l`` for encoder 1, ``clip_g`` for
+encoder 2, read from ``{clip_l, clip_g}`` files); a trained word trains both, in one optimizer group.
+
 Exports: ``<exp_dir>/embeddings/<name>.pt`` (A1111 layout) and ``<name>.safetensors``
-(``{name: tensor}``) at the end; ``<exp_dir>/embeddings/step-<N>/`` at each checkpoint, so any of
+(``{name: tensor}``) at the end (SDXL: ``<name>.safetensors`` as ``{clip_l, clip_g}``, the layout
+webui, ComfyUI and kohya read); ``<exp_dir>/embeddings/step-<N>/`` at each checkpoint, so any of
 these folders can be used as an ``emb_dir`` as it is. With ``replace = true`` the final vectors are
 also written back into the words' own files in ``emb_dir``.
 """
@@ -22,15 +26,16 @@ import torch
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.custom_words import (
-    CustomWordPromptEncoder,
+    SDXL_FILE_KEYS,
     CustomWords,
     EmbeddingFileError,
     embedding_files,
-    install_custom_words,
-    load_embeddings,
+    install_word_sets,
+    load_word_sets,
+    parts_of,
+    wrap_for_words,
     write_embedding,
 )
-from hcp_core.models.text_encoding import PromptEncoder
 
 from .config import PromptTuningConfig, TrainedWord
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 SECTION = "tokenizer_pt"
 EXPORT_DIR = "embeddings"
 EXPORT_SUFFIXES = (".pt", ".safetensors")
+#: SDXL words are exported as safetensors only: the layout every SDXL tool reads.
+SDXL_EXPORT_SUFFIXES = (".safetensors",)
 
 
 def export_folder(exp_dir: str | os.PathLike, step: Optional[int]) -> Path:
@@ -62,29 +69,31 @@ class PromptTuningAdapter:
         self.context = context
         emb_dir = Path(self.config.emb_dir).expanduser()
         self.emb_dir = emb_dir if emb_dir.is_absolute() else Path(context.base_dir) / emb_dir
-        self.words: Optional[CustomWords] = None
+        self.installed: Optional[Dict[str, CustomWords]] = None  # text encoder part -> its words
+        self.parts: tuple = ()
         self.trained: Dict[str, TrainedWord] = {}  # installed word name -> its entry in train
-        self.encoder: Optional[CustomWordPromptEncoder] = None
+        self.encoder: Optional[Any] = None  # the wrapped prompt encoder
         self._model_name: Optional[str] = None
         self._last_step = 0
+
+    @property
+    def words(self) -> Optional[CustomWords]:
+        """The words installed in the (first) text encoder; None before :meth:`attach`."""
+        return None if self.installed is None else self.installed[self.parts[0]]
 
     # ------------------------------------------------------------------ attach
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
         """Install every word of ``emb_dir``; one optimizer group per trained word."""
-        if self.words is not None:
+        if self.installed is not None:
             raise RuntimeError("this prompt-tuning adapter is already attached")
-        if models.kind == "sdxl":
-            raise ConfigError(
-                f"{SECTION}: custom words are not supported on SDXL models yet (they need one vector set per "
-                "text encoder); remove [tokenizer_pt] or train an SD 1.x/2.x model"
-            )
+        self.parts = parts_of(models.kind)
         if not self.emb_dir.is_dir():
             raise ConfigError(
                 f"{SECTION}.emb_dir: folder {self.emb_dir} does not exist; create custom words there with "
                 f"'hcp tools create-embedding MODEL NAME N_TOKENS --out {self.config.emb_dir}'"
             )
         try:
-            vectors = load_embeddings(self.emb_dir)
+            vectors = load_word_sets(self.emb_dir, self.parts)
         except EmbeddingFileError as exc:
             raise ConfigError(f"{SECTION}.emb_dir: {exc}") from None
         by_lower = {name.lower(): name for name in vectors}
@@ -99,33 +108,49 @@ class PromptTuningAdapter:
         if not vectors:
             log.warning("%s.emb_dir: %s holds no custom words", SECTION, self.emb_dir)
         try:
-            self.words = install_custom_words(models.part("text_encoder"), vectors, trainable=list(self.trained))
+            self.installed = install_word_sets(models, vectors, trainable=list(self.trained))
         except EmbeddingFileError as exc:
             raise ConfigError(f"{SECTION}.emb_dir {self.emb_dir}: {exc}") from None
         self._model_name = Path(models.source).name if models.source else None
         fixed = [n for n in vectors if n not in self.trained]
+        first = self.installed[self.parts[0]]
         log.info("custom words from %s: trained %s; fixed %s", self.emb_dir,
-                 ", ".join(f"{n} ({len(self.words.ids[n])} vectors, lr {w.lr:g})" for n, w in self.trained.items()) or "none",
+                 ", ".join(f"{n} ({len(first.ids[n])} vectors, lr {w.lr:g})" for n, w in self.trained.items()) or "none",
                  ", ".join(fixed) or "none")  # fmt: skip
-        params = self.words.params
-        return [{"params": [params[name]], "lr": word.lr, "name": f"{SECTION}.{name}"} for name, word in self.trained.items()]
+        return [
+            {"params": list(self._word_params(name).values()), "lr": word.lr, "name": f"{SECTION}.{name}"}
+            for name, word in self.trained.items()
+        ]
 
-    def wrap_prompt_encoder(self, encoder: PromptEncoder) -> CustomWordPromptEncoder:
-        """The run's prompt encoder, expanding the custom words into their placeholder tokens."""
-        if self.words is None:
+    def wrap_prompt_encoder(self, encoder: Any) -> Any:
+        """The run's prompt encoder, expanding the custom words into their placeholder tokens
+        (on SDXL, in both encoders)."""
+        if self.installed is None:
             raise RuntimeError("attach() first")
-        self.encoder = CustomWordPromptEncoder.wrap(encoder, self.words)
+        self.encoder = wrap_for_words(encoder, self.installed)
         return self.encoder
 
     # ------------------------------------------------------------------ state
+    def _word_params(self, name: str) -> Dict[str, torch.nn.Parameter]:
+        """Text encoder part -> the word's Parameter in that encoder."""
+        assert self.installed is not None, "attach() first"
+        return {part: words.params[name] for part, words in self.installed.items()}
+
+    def _state_key(self, name: str, part: str) -> str:
+        """Checkpoint key of a word's vectors: the name, plus ``.clip_l`` / ``.clip_g`` on SDXL."""
+        return name if len(self.parts) == 1 else f"{name}.{SDXL_FILE_KEYS[part]}"
+
     def _trained_params(self) -> Dict[str, torch.nn.Parameter]:
-        assert self.words is not None, "attach() first"
-        params = self.words.params
-        return {name: params[name] for name in self.trained}
+        return {self._state_key(name, part): p for name in self.trained for part, p in self._word_params(name).items()}
+
+    def _export_vectors(self, name: str) -> Any:
+        """What :func:`write_embedding` takes: one tensor, or part -> tensor on SDXL."""
+        params = self._word_params(name)
+        return params[self.parts[0]] if len(params) == 1 else dict(params)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        """Word name -> its vectors ``[N, dim]``, for each trained word."""
-        return {name: p.detach() for name, p in self._trained_params().items()}
+        """Word name (SDXL: ``name.clip_l`` and ``name.clip_g``) -> vectors ``[N, dim]``, for each trained word."""
+        return {key: p.detach() for key, p in self._trained_params().items()}
 
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore the trained words' vectors from a checkpoint."""
@@ -149,11 +174,12 @@ class PromptTuningAdapter:
         if step is not None:
             self._last_step = step
         folder = export_folder(out_dir, step)
+        suffixes = EXPORT_SUFFIXES if len(self.parts) == 1 else SDXL_EXPORT_SUFFIXES
         paths: List[str] = []
-        for name, p in self._trained_params().items():
-            for suffix in EXPORT_SUFFIXES:
-                paths.append(str(write_embedding(folder / f"{name}{suffix}", name, p, step=self._last_step,
-                                                 model=self._model_name)))  # fmt: skip
+        for name in self.trained:
+            for suffix in suffixes:
+                paths.append(str(write_embedding(folder / f"{name}{suffix}", name, self._export_vectors(name),
+                                                 step=self._last_step, model=self._model_name)))  # fmt: skip
         if step is None:
             self._warn_unused()
             if self.config.replace:
@@ -164,9 +190,9 @@ class PromptTuningAdapter:
         """Write the trained vectors over the words' own files in emb_dir (each in its own format)."""
         files = embedding_files(self.emb_dir)
         written: List[str] = []
-        for name, p in self._trained_params().items():
+        for name in self.trained:
             for file in files.get(name, []):
-                write_embedding(file, name, p, step=self._last_step, model=self._model_name)
+                write_embedding(file, name, self._export_vectors(name), step=self._last_step, model=self._model_name)
                 written.append(str(file))
                 log.info("replaced %s with the trained vectors of '%s'", file, name)
         return written

@@ -172,7 +172,7 @@ def test_size_and_lora_arguments() -> None:
     (["-p", "x", "--embeddings", "no-such-dir"], "--embeddings: folder no-such-dir not found"),
     (["-p", "x", "-n", "0"], "-n must be at least 1, got 0"),
     (["--seed", "1"], "no prompt: give --prompt TEXT, --prompt-file FILE or --from-image IMAGE"),
-    (["-p", "x", "--clip-skip", "9", *FAST], "--clip-skip 9 is out of range: this text encoder has 4 layers"),
+    (["-p", "x", "--clip-skip", "9", *FAST], "--clip-skip 9 is out of range: this model allows 0 to 3"),
 ])  # fmt: skip
 def test_user_errors_name_the_option(generate, capsys, args, message) -> None:
     assert generate(*args) == 2

@@ -18,7 +18,7 @@ from hcp_core.errors import ConfigError
 from hcp_core.generation.metadata import parse_parameters, read_png_text
 from hcp_core.models.custom_words import write_embedding
 from hcp_core.train.sampling import isolated_from_training
-from train_support import assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+from train_support import assert_same_tensors, sample_toml, sampling_runs, trained_tensors
 
 WORD = "my-cat"
 ADAPTERS = f"""
@@ -36,32 +36,12 @@ layers = ['re:.*self_attn$']
 emb_dir = "{{emb}}"
 train = [{{ name = "{WORD}", lr = 1e-2 }}]
 """
-SAMPLE = """
-[sample]
-prompts = ["a {pt1} on a red circle", "a blue square"]
-word_names = { pt1 = "my-cat" }
-negative_prompt = "lowres"
-every = 2
-seed = 11
-steps = 3
-size = "64x48"
-scheduler = "euler_a"
-cfg = 6.0
-"""
+SAMPLE = sample_toml('["a {pt1} on a red circle", "a blue square"]', 'word_names = { pt1 = "my-cat" }')
 MAX_STEPS = 3
 
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
-
-
-def _pipeline(tmp: Path, model: Path, data: Path, name: str, sample: bool) -> Path:
-    text = pipeline_toml(model, data, tmp / name, max_steps=MAX_STEPS,
-                         adapters=ADAPTERS.replace("{emb}", str(tmp / "embs")), extra=SAMPLE if sample else "")
-    # the trained word in every training prompt, and clip skip: samples must apply both
-    text = text.replace('prompt_template = "a picture of {caption}"', f'prompt_template = "a picture of {WORD}, {{caption}}"')
-    text = text.replace(f'pretrained = "{model}"', f'pretrained = "{model}"\nclip_skip = 1')
-    return write_pipeline(tmp, text, f"{name}.toml")
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +50,8 @@ def runs(tmp_path_factory, demo_model_dir, demo_data_dir):
     with and without ``[sample]``."""
     tmp = tmp_path_factory.mktemp("sampling")
     write_embedding(tmp / "embs" / f"{WORD}.safetensors", WORD, torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 0.02)
-    out = {}
-    for name, sample in (("sampled", True), ("plain", False)):
-        result = hcp_core.run(hcp_core.load_config(_pipeline(tmp, demo_model_dir, demo_data_dir, name, sample)))
-        assert result.step == MAX_STEPS
-        out[name] = tmp / name
-    return out
+    return sampling_runs(tmp, demo_model_dir, demo_data_dir, adapters=ADAPTERS.replace("{emb}", str(tmp / "embs")),
+                         sample=SAMPLE, max_steps=MAX_STEPS, word=WORD)
 
 
 def test_samples_layout_grid_and_metadata(runs) -> None:

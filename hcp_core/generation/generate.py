@@ -173,44 +173,70 @@ def load_for_generation(
     dtype: Optional[str] = None,
     log_fn: Callable[[str], None] = log.info,
 ) -> LoadedModel:
-    """Load ``model``, merge ``loras`` into it, install the custom words of ``embeddings``,
-    cast to ``dtype`` and move it to ``device``."""
+    """Load ``model`` (SD 1.x/2.x or SDXL), merge ``loras`` into it, install the custom words of
+    ``embeddings``, cast to ``dtype`` and move it to ``device``."""
     import torch
 
     from hcp_plugins.adapters.lora.merge import apply_lora_file
 
-    from ..models.custom_words import CustomWordPromptEncoder, install_custom_words, load_embeddings
     from ..models.loading import load_models
-    from ..models.text_encoding import PromptEncoder, num_encoder_layers
-    from .render import check_renderable
+    from ..models.sdxl import make_prompt_encoder, max_clip_skip
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
     bundle = load_models(model, prediction_type=prediction_type, config=model_config)
-    check_renderable(bundle)
-    layers = num_encoder_layers(bundle.text_encoder)
-    if clip_skip >= layers:
-        raise UserError(f"--clip-skip {clip_skip} is out of range: this text encoder has {layers} layers, "
-                        f"so it must be below {layers}")  # fmt: skip
-    for spec in loras:  # merged in float32, before any cast
+    limit = max_clip_skip(bundle)
+    if clip_skip > limit:
+        why = "SDXL model allows 0 to {} (it already uses the penultimate layer)" if bundle.kind == "sdxl" else "model allows 0 to {}"
+        raise UserError(f"--clip-skip {clip_skip} is out of range: this {why.format(limit)}")
+    encoder = make_prompt_encoder(bundle, clip_skip=clip_skip)
+    for spec in loras:  # merged in float32, before any cast; SDXL files hold unet, te1 and te2 keys
         count = apply_lora_file(bundle, spec.path, spec.weight)
         log_fn(f"merged {spec.path} with weight {spec.weight:g} into {count} layers")
-    encoder = PromptEncoder(bundle.tokenizer, bundle.text_encoder, clip_skip=clip_skip)
-    if embeddings:
-        words = {}
-        for folder in embeddings:  # later folders override earlier ones
-            words.update(load_embeddings(folder))
-        if words:
-            encoder = CustomWordPromptEncoder.wrap(encoder, install_custom_words(bundle.text_encoder, words))
-            log_fn(f"custom words: {', '.join(words)}")
+    encoder = with_custom_words(bundle, encoder, embeddings, log_fn)
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    for part in (bundle.unet, bundle.vae, bundle.text_encoder):
+    for part in (bundle.unet, bundle.vae, bundle.text_encoder, bundle.text_encoder_2):
+        if part is None:  # text_encoder_2: SDXL only
+            continue
+        if part is bundle.vae and vae_stays_fp32(bundle, target):
+            part.to(torch.device(device)).eval()
+            continue
         if part.dtype != target:
             # nn.Module's own .to: diffusers' override warns about fp32 modules on every cast, even with none.
             torch.nn.Module.to(part, dtype=target)
         part.to(torch.device(device))
         part.eval()
     return LoadedModel(models=bundle, encoder=encoder, device=device, dtype=dtype)
+
+
+def vae_stays_fp32(bundle: Any, target: Any) -> bool:
+    """Whether an fp16 run keeps the VAE in fp32: on SDXL, when its config says ``force_upcast``.
+
+    SDXL's VAE overflows in fp16 (its config says so; fixed fp16 VAEs say ``force_upcast: false``).
+    diffusers' pipeline would cast such a VAE to fp32 and back for every image; keeping it in fp32
+    decodes the same way once and for all (the renderer hands it its latents in fp32).
+    """
+    import torch
+
+    return bundle.kind == "sdxl" and target == torch.float16 and bool(getattr(bundle.vae.config, "force_upcast", False))
+
+
+def with_custom_words(bundle: Any, encoder: Any, embeddings: Sequence[str], log_fn: Callable[[str], None]) -> Any:
+    """``encoder``, or a wrapper of it that knows the custom words of the ``embeddings`` folders
+    (installed into ``bundle``'s text encoder; a word in a later folder overrides an earlier one)."""
+    from ..models.custom_words import EmbeddingFileError, install_word_sets, load_word_sets, parts_of, wrap_for_words
+
+    words = {}
+    try:
+        for folder in embeddings:
+            words.update(load_word_sets(folder, parts_of(bundle.kind)))
+        if not words:
+            return encoder
+        encoder = wrap_for_words(encoder, install_word_sets(bundle, words))
+    except EmbeddingFileError as exc:
+        raise UserError(f"--embeddings: {exc}") from None
+    log_fn(f"custom words: {', '.join(words)}")
+    return encoder
 
 
 def next_number(out: Path) -> int:

@@ -1,10 +1,17 @@
-"""Render one image with diffusers' ``StableDiffusionPipeline`` and hcp's prompt encoding.
+"""Render one image with a diffusers pipeline and hcp's prompt encoding, for SD 1.x/2.x and SDXL.
 
 ``hcp generate`` and the samples of a training run both call :func:`render_image`, so an image
 depends only on the weights and :class:`~hcp_core.generation.params.GenerationParams`, not on
-which of the two made it. Prompts are encoded by hcp's :class:`PromptEncoder` (long prompts in
-chunks, CLIP skip, custom words, exactly as in training) and handed to the pipeline as
-``prompt_embeds`` / ``negative_prompt_embeds``; the denoising loop is diffusers'.
+which of the two made it. Prompts are encoded by hcp's prompt encoder (long prompts in chunks,
+CLIP skip, custom words, exactly as in training) and handed to the pipeline as embeddings; the
+denoising loop is diffusers':
+
+* SD (``models.kind == "sd"``): ``StableDiffusionPipeline`` with ``prompt_embeds`` /
+  ``negative_prompt_embeds`` from a :class:`~hcp_core.models.text_encoding.PromptEncoder`.
+* SDXL (``"sdxl"``): ``StableDiffusionXLPipeline`` with the joined hidden states of both text
+  encoders and the pooled embedding of the second, from an
+  :class:`~hcp_core.models.sdxl.SdxlPromptEncoder`; the size conditioning says the image was
+  neither resized nor cropped (original size = target size = the image's, crop at (0, 0)).
 
 Noise comes from a CPU ``torch.Generator`` seeded with the image's seed, so the starting latents
 are the same on every device.
@@ -13,69 +20,125 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..interfaces import ModelBundle
-from ..models.text_encoding import PromptEncoder
+from ..models.pipelines import PIPELINE_CLASSES as PIPELINES
+from ..models.pipelines import pipeline_class
+from ..models.text_encoding import EncodedPrompts
 from .params import MAX_SEED, GenerationParams
 from .schedulers import make_scheduler
 
 
-def check_renderable(models: ModelBundle, where: str = "generation") -> None:
-    """Raise :class:`UserError` for models this module cannot render (SDXL so far)."""
-    if getattr(models, "kind", "sd") != "sd":
-        raise UserError(f"{where}: rendering {models.kind} models is not supported yet; hcp renders SD 1.x/2.x models")
+def model_kind(models: ModelBundle) -> str:
+    """``models.kind`` ("sd" or "sdxl"); a :class:`UserError` for a kind hcp cannot render."""
+    kind = getattr(models, "kind", "sd")
+    if kind not in PIPELINES:
+        raise UserError(f"cannot render a {kind!r} model: hcp renders {', '.join(PIPELINES)} models")
+    return kind
 
 
 def build_pipeline(models: ModelBundle, scheduler_name: str) -> Any:
-    """A ``StableDiffusionPipeline`` around ``models``' modules (not copied, not moved) with a
-    fresh ``scheduler_name`` sampler on the model's noise schedule. No safety checker runs."""
-    from diffusers import StableDiffusionPipeline
+    """The diffusers pipeline of ``models.kind`` around ``models``' modules (not copied, not
+    moved) with a fresh ``scheduler_name`` sampler on the model's noise schedule.
 
-    check_renderable(models)
-    pipe = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-        scheduler=make_scheduler(scheduler_name, models.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    No safety checker (SD) and no invisible watermark (SDXL) touch the image.
+    """
+    kind = model_kind(models)
+    scheduler = make_scheduler(scheduler_name, models.scheduler.config)
+    parts = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+                 scheduler=scheduler)  # fmt: skip
+    if kind == "sdxl":
+        # force_zeros_for_empty_prompt (zeros for a missing negative prompt) never acts: hcp
+        # always hands the pipeline negative embeddings, an empty prompt's being the encoded "".
+        extra = dict(text_encoder_2=models.text_encoder_2, tokenizer_2=models.tokenizer_2, add_watermarker=False)
+    else:
+        extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(kind)(**parts, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def encode_prompt_pair(encoder: PromptEncoder, prompt: str, negative_prompt: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(positive, negative)`` hidden states ``[1, chunks * 77, D]``.
+def prompt_conditioning(encoder: Any, prompt: str, negative_prompt: str) -> Dict[str, torch.Tensor]:
+    """The pipeline's text keyword arguments for one image (each tensor has batch size 1).
 
-    Both are tokenized in one call so they share a chunk count (the UNet needs equal lengths for
-    classifier-free guidance); an empty negative prompt is encoded as the empty string, as webui does.
+    ``encoder`` is the model's prompt encoder: a ``PromptEncoder`` (hidden states: SD's
+    ``prompt_embeds`` / ``negative_prompt_embeds``) or an ``SdxlPromptEncoder`` (hidden states and
+    pooled embeddings: SDXL's four ``*prompt_embeds``). Both prompts are tokenized in one call so
+    they share a chunk count (the UNet needs equal lengths for classifier-free guidance); an empty
+    negative prompt is encoded as the empty string, as webui does (diffusers' SDXL pipeline uses
+    zeros when it is given no negative prompt at all, see ``force_zeros_for_empty_prompt``).
     """
-    hidden = encoder.encode(encoder.tokenize([prompt, negative_prompt]))
-    return hidden[0:1], hidden[1:2]
+    encoded = encoder([prompt, negative_prompt])
+    if isinstance(encoded, EncodedPrompts):
+        return {
+            "prompt_embeds": encoded.hidden[0:1], "negative_prompt_embeds": encoded.hidden[1:2],
+            "pooled_prompt_embeds": encoded.pooled[0:1], "negative_pooled_prompt_embeds": encoded.pooled[1:2],
+        }  # fmt: skip
+    return {"prompt_embeds": encoded[0:1], "negative_prompt_embeds": encoded[1:2]}
+
+
+def size_conditioning(models: ModelBundle, params: GenerationParams) -> Dict[str, Any]:
+    """SDXL's size/crop conditioning for a whole, uncropped ``height`` x ``width`` image; nothing for SD."""
+    if model_kind(models) != "sdxl":
+        return {}
+    size = (params.height, params.width)
+    return {"original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+
+
+@contextlib.contextmanager
+def vae_decode_without_autocast(vae: Any) -> Iterator[None]:
+    """Inside, ``vae.decode`` runs in the VAE's own precision, even under an autocast context.
+
+    SDXL's VAE overflows in fp16, so training keeps it in fp32 (``model.vae_fp32``) and so does
+    fp16 generation (see ``generate.vae_stays_fp32``); under the run's fp16 autocast its
+    convolutions would run in fp16 all the same. The latents are cast to the VAE's dtype (the
+    pipeline hands them over in the text embeddings' dtype, fp16 in an fp16 run).
+    """
+    decode = vae.decode
+
+    def decode_in_own_precision(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_own_precision  # an instance attribute: the module's class is untouched
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def render_image(
     models: ModelBundle,
-    encoder: PromptEncoder,
+    encoder: Any,
     params: GenerationParams,
     *,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Any:
     """The PIL image ``params`` describe, rendered with ``models`` as they are now.
 
-    ``models`` keeps whatever is attached to it (LoRA branches, custom words); the caller puts
-    the modules in eval mode. ``autocast`` wraps the work (training passes accelerate's, so
-    half-precision frozen weights and fp32 trained ones mix as during training).
+    ``encoder`` is the prompt encoder of ``models``' kind (``make_prompt_encoder(models)`` or a
+    wrapper of it). ``models`` keeps whatever is attached to it (LoRA branches, custom words); the
+    caller puts the modules in eval mode. ``autocast`` wraps the work (training passes
+    accelerate's, so half-precision frozen weights and fp32 trained ones mix as during training);
+    on SDXL the VAE decodes outside it, in its own precision.
     """
     if not 0 <= params.seed <= MAX_SEED:
         raise ValueError(f"seed must be between 0 and 2**64 - 1, got {params.seed}")
     pipe = build_pipeline(models, params.scheduler)
     generator = torch.Generator("cpu").manual_seed(params.seed)
-    with torch.no_grad(), autocast():
-        positive, negative = encode_prompt_pair(encoder, params.prompt, params.negative_prompt)
+    sdxl = model_kind(models) == "sdxl"
+    decoding = vae_decode_without_autocast(models.vae) if sdxl else contextlib.nullcontext()
+    with torch.no_grad(), autocast(), decoding:
+        text = prompt_conditioning(encoder, params.prompt, params.negative_prompt)
+        if sdxl != ("pooled_prompt_embeds" in text):
+            raise ValueError(f"a {type(encoder).__name__} cannot condition a {models.kind} model: "
+                             "use hcp_core.models.sdxl.make_prompt_encoder(models)")  # fmt: skip
         result = pipe(
-            prompt_embeds=positive, negative_prompt_embeds=negative,
+            **text, **size_conditioning(models, params),
             num_inference_steps=params.steps, guidance_scale=params.cfg,
             width=params.width, height=params.height, generator=generator, output_type="pil",
         )  # fmt: skip

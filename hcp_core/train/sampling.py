@@ -4,6 +4,7 @@ Images go to ``<exp_dir>/samples/step-<N>/<k>.png`` (prompt ``k``, seed ``seed +
 ``grid.png`` of them all, and to TensorBoard as ``samples/<k>``. Rendering is
 :func:`hcp_core.generation.render.render_image`, the same call ``hcp generate`` makes, on the
 training modules themselves: LoRA branches, custom words and clip skip apply as in training.
+SD 1.x/2.x and SDXL models both sample (SDXL through ``StableDiffusionXLPipeline``).
 
 Sampling leaves training exactly as it was: every global RNG state is saved and restored around
 it (the noise comes from its own seeded generators anyway), modules return to their train/eval
@@ -24,7 +25,7 @@ from ..config.schema import SampleConfig
 from ..data.prompts import fill_placeholders
 from ..generation.metadata import format_parameters, write_png
 from ..generation.params import GenerationParams
-from ..generation.render import check_renderable, make_grid, render_image
+from ..generation.render import make_grid, render_image
 from ..interfaces import ModelBundle
 from . import checkpoint as ckpt
 
@@ -39,12 +40,28 @@ def step_folder(exp_dir: str | Path, step: int) -> Path:
     return Path(exp_dir) / SAMPLES_DIR / f"step-{step}"
 
 
+def rendered_modules(models: ModelBundle) -> List[torch.nn.Module]:
+    """The modules a sample runs: UNet, text encoder(s) (SDXL's second too) and VAE."""
+    parts = (models.unet, models.text_encoder, getattr(models, "text_encoder_2", None), models.vae)
+    return [m for m in parts if m is not None]
+
+
+def _word_counts(encoder: Any) -> List[Dict[str, int]]:
+    """The custom-word usage counts of ``encoder`` and of its per-text-encoder encoders (SDXL), each once."""
+    counts: Dict[int, Dict[str, int]] = {}
+    for holder in (encoder, *getattr(encoder, "encoders", ())):
+        uses = getattr(holder, "uses", None)
+        if isinstance(uses, dict):
+            counts.setdefault(id(uses), uses)
+    return list(counts.values())
+
+
 @contextlib.contextmanager
 def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iterator[None]:
     """Eval mode and untouched global RNG streams inside; everything put back on the way out."""
     modes: Dict[torch.nn.Module, bool] = {m: m.training for root in modules for m in root.modules()}
     rng = ckpt.rng_state()
-    uses = dict(encoder.uses) if isinstance(getattr(encoder, "uses", None), dict) else None
+    counts = [(uses, dict(uses)) for uses in _word_counts(encoder)]
     try:
         for root in modules:
             root.eval()
@@ -53,9 +70,9 @@ def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iter
         for module, training in modes.items():
             module.training = training
         ckpt.set_rng_state(rng)
-        if uses is not None:  # the "trained word appeared in no prompt" warning counts training prompts only
-            encoder.uses.clear()
-            encoder.uses.update(uses)
+        for uses, before in counts:  # the "trained word appeared in no prompt" warning counts training prompts only
+            uses.clear()
+            uses.update(before)
 
 
 class TrainingSampler:
@@ -75,7 +92,6 @@ class TrainingSampler:
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         writer: Optional[Any] = None,
     ) -> None:
-        check_renderable(models, where="[sample]")  # at set-up, not at the first sample hours later
         self.config = config
         self.models = models
         self.encoder = prompt_encoder
@@ -103,7 +119,7 @@ class TrainingSampler:
         folder = step_folder(self.exp_dir, step)
         images = []
         try:
-            with isolated_from_training([self.models.unet, self.models.text_encoder, self.models.vae], self.encoder):
+            with isolated_from_training(rendered_modules(self.models), self.encoder):
                 for params in self.params:
                     images.append(render_image(self.models, self.encoder, params, autocast=self.autocast))
         except torch.OutOfMemoryError:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from hcp_core import cli
 from hcp_core.config import build_pipeline
@@ -77,3 +79,26 @@ def test_prompt_files_and_order(tmp_path) -> None:
     assert all(sorted(r) == list(range(5)) for r in rounds) and rounds[0] != rounds[1]
     assert [order[i] for i in range(15)] == [PromptOrder(5, seed=1)[i] for i in range(15)]
     assert Counter(PromptOrder(3, seed=2)[i] for i in range(9)) == {0: 3, 1: 3, 2: 3}
+
+
+def test_samplers_are_hcp_generates_and_sdxl_models_work(tmp_path, gen, sdxl_model_dir, capsys) -> None:
+    """The sampler names are ``hcp generate``'s (the tool's old ``dpm++`` still means DPM++ 2M), and
+    an SDXL model renders what ``hcp generate`` renders for the same prompt, seed and settings."""
+    from hcp_core.tools.gen_from_prompts import image_seed
+
+    assert gen("--prompt", "x", "--out", tmp_path / "bad", "--sampler", "dpm2") == 2
+    err = capsys.readouterr().err
+    assert "--sampler: unknown scheduler 'dpm2'" in err and "dpm++_2m_karras" in err and not (tmp_path / "bad").exists()
+
+    settings = ["--steps", "2", "--width", "64", "--height", "48", "--negative-prompt", "lowres", "--cfg", "5"]
+    args = ["tools", "gen-from-prompts", "--model", str(sdxl_model_dir), "--prompt", "a red circle", "--num", "1",
+            "--out", str(tmp_path / "xl"), "--sampler", "dpm++", *settings]
+    assert cli.main(args) == 0
+    generated = ["generate", "--model", str(sdxl_model_dir), "-p", "a red circle", "--seed", str(image_seed(0, 0)),
+                 "--scheduler", "dpm++_2m", "--steps", "2", "--size", "64x48", "--negative-prompt", "lowres",
+                 "--cfg", "5", "--out", str(tmp_path / "gen")]  # fmt: skip
+    assert cli.main(generated) == 0
+    ours = np.asarray(Image.open(tmp_path / "xl" / "000000.png").convert("RGB")).astype(int)
+    (reference,) = (tmp_path / "gen").glob("*.png")
+    assert np.abs(ours - np.asarray(Image.open(reference).convert("RGB")).astype(int)).max() <= 1
+    assert (tmp_path / "xl" / "000000.txt").read_text(encoding="utf-8").strip() == "a red circle"

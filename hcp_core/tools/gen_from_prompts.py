@@ -31,14 +31,9 @@ from ..errors import UserError
 
 #: Hidden, so the image_folder source does not report it as a stray file.
 SETTINGS_FILE = ".gen_from_prompts.json"
-#: Sampler names -> diffusers scheduler classes (built from the model's scheduler config).
-SAMPLERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-}
+#: Earlier sampler names of this tool -> the names ``hcp generate`` uses (the table in
+#: :mod:`hcp_core.generation.schedulers`, which this tool shares).
+SAMPLER_ALIASES = {"dpm++": "dpm++_2m"}
 #: Settings that decide what image i is; a rerun must repeat them.
 IDENTITY_KEYS = ("model", "prompt_file", "column", "prompt", "seed", "steps", "width", "height", "cfg",
                  "negative_prompt", "sampler")  # fmt: skip
@@ -146,27 +141,22 @@ def _save_image(image: Any, target: Path) -> None:
             os.unlink(tmp)
 
 
+def sampler_name(name: str) -> str:
+    """``name`` as the shared sampler table spells it (``dpm++`` -> ``dpm++_2m``); unknown names
+    are a :class:`UserError` listing the known ones."""
+    from ..generation.schedulers import scheduler_choice
+
+    return scheduler_choice(SAMPLER_ALIASES.get(name, name), where="--sampler").name
+
+
 def build_pipeline(model: str, sampler: str, device: str, dtype: Optional[str]) -> Any:
-    """A diffusers ``StableDiffusionPipeline`` from hcp's model loader, with the chosen sampler."""
-    import diffusers
-    import torch
-    from diffusers import StableDiffusionPipeline
+    """The diffusers pipeline of ``model``'s kind (SD or SDXL), loaded, cast and moved as for
+    ``hcp generate``, with the chosen sampler."""
+    from ..generation.generate import load_for_generation
+    from ..generation.render import build_pipeline as pipeline_for
 
-    from ..models.loading import load_models
-
-    target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    bundle = load_models(model)
-    for part in (bundle.unet, bundle.vae, bundle.text_encoder):
-        if part.dtype != target:  # cast only what needs it (diffusers warns on every cast)
-            part.to(dtype=target)
-    scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(bundle.scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch.device(device))
+    loaded = load_for_generation(model, device=device, dtype=dtype, log_fn=lambda _message: None)
+    return pipeline_for(loaded.models, sampler_name(sampler))
 
 
 def generate(args: argparse.Namespace, log=print) -> List[int]:
@@ -179,6 +169,7 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
         raise UserError("--num, --batch-size and --steps must be at least 1")
     if args.width % 8 or args.height % 8 or args.width < 8 or args.height < 8:
         raise UserError(f"--width and --height must be multiples of 8, got {args.width}x{args.height}")
+    sampler_name(args.sampler)  # before any model loads
     prompts = read_prompts(args.prompt_file, args.column) if args.prompt_file else [clean_caption(args.prompt)]
     out = Path(args.out)
     settings = {
@@ -200,7 +191,8 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
         texts = [prompts[order[i]] for i in batch]
         with torch.inference_mode():
             images = pipe(
-                prompt=texts, negative_prompt=[args.negative_prompt] * len(batch) if args.negative_prompt else None,
+                # "" rather than None: SDXL's pipeline would use zeros for a missing negative prompt
+                prompt=texts, negative_prompt=[args.negative_prompt] * len(batch),
                 num_inference_steps=args.steps, guidance_scale=args.cfg, width=args.width, height=args.height,
                 generator=[torch.Generator("cpu").manual_seed(image_seed(args.seed, i)) for i in batch],
             ).images  # fmt: skip
@@ -231,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim", help="sampler (default ddim)")
+    p.add_argument("--sampler", default="ddim", help="sampler, as hcp generate names them (default ddim; see docs/generation.md)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default fp16 on cuda, fp32 on cpu")
     return p

@@ -50,8 +50,16 @@ def native_path(target: str, model: nn.Module, path: str) -> str:
     return path
 
 
+#: UNet layers whose kohya names use the original (sgm) spelling: diffusers' kohya converter, webui
+#: and ComfyUI know SDXL's added-conditioning MLP only as ``label_emb.0.0`` / ``label_emb.0.2``.
+KOHYA_UNET_RENAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
 def kohya_name(prefix: str, canonical: str) -> str:
-    """``lora_unet`` + ``down_blocks.0.attentions.0`` -> ``lora_unet_down_blocks_0_attentions_0``."""
+    """``lora_unet`` + ``down_blocks.0.attentions.0`` -> ``lora_unet_down_blocks_0_attentions_0``
+    (and ``add_embedding.linear_1`` -> ``lora_unet_label_emb_0_0``, see :data:`KOHYA_UNET_RENAMES`)."""
+    if prefix == "lora_unet":
+        canonical = KOHYA_UNET_RENAMES.get(canonical, canonical)
     return f"{prefix}_{canonical.replace('.', '_')}"
 
 
@@ -74,6 +82,7 @@ def kohya_table(parts: Mapping[str, nn.Module], kind: str = "sd") -> Dict[str, T
         for name, _ in lora_layers(model):
             canonical = canonical_path(target, model, name)
             table[kohya_name(prefix, canonical)] = (target, name)
+            table.setdefault(f"{prefix}_{canonical.replace('.', '_')}", (target, name))  # hcp 0.1's add_embedding names
             if canonical != name:
                 table.setdefault(kohya_name(prefix, name), (target, name))
             elif target != UNET and name.startswith(TEXT_MODEL_PREFIX):

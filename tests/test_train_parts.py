@@ -144,3 +144,27 @@ def test_ema_follows_the_formula_and_swaps_in_for_export() -> None:
     restored = Ema([p], decay=0.9)
     restored.load_state_dict(ema.state_dict())
     assert torch.equal(restored.shadow[0], ema.shadow[0])
+
+
+def test_adamw_is_fused_where_it_can_be_and_steps_like_plain_adamw() -> None:
+    from hcp_core.train.optim import can_fuse
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    cfg = OptimizerConfig(weight_decay=0.01)
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = build_optimizer([{"params": fused[:1], "lr": 0.1}, {"params": fused[1:], "lr": 0.01}], cfg)
+    assert opt.defaults["fused"] is True
+    plain = [torch.nn.Parameter(t.clone()) for t in start]  # independent: torch's per-tensor loop
+    ref = torch.optim.AdamW([{"params": plain[:1], "lr": 0.1}, {"params": plain[1:], "lr": 0.01}],
+                            betas=cfg.betas, eps=cfg.eps, weight_decay=0.01, foreach=False)  # fmt: skip
+    for step_grads in grads:
+        for params, optimizer in ((fused, opt), (plain, ref)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not can_fuse([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}])
+    assert not can_fuse([{"params": []}])

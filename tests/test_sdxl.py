@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -212,3 +213,34 @@ def test_resume_from_a_checkpoint_is_exact(sdxl_demo, tmp_path):
     base = load_models(model_dir).text_encoder_2.get_submodule("text_model.encoder.layers.3.mlp.fc2")
     assert not torch.equal(tuned["text_encoder_2.text_model.encoder.layers.3.mlp.fc2.weight"], base.weight)
 
+
+
+def test_parallel_datasets_with_masks_and_their_own_buckets_train(sdxl_model_dir, demo_data_dir, tmp_path, monkeypatch):
+    """Two datasets (one with attention masks and ratio buckets, one fixed 64x64 with a lower loss
+    weight) each condition on their own samples' sizes: every step trains on both."""
+    second = f"""
+[data.reg]
+batch_size = 1
+loss_weight = 0.5
+bucket = {{ type = "fixed", target_size = [64, 64] }}
+
+[[data.reg.sources]]
+type = "image_folder"
+img_root = "{demo_data_dir}"
+prompt_template = "a photo of {{caption}}"
+"""
+    cfg = write_pipeline(tmp_path, pipeline_toml(sdxl_model_dir, demo_data_dir, tmp_path / "exp", adapters=LORA_ALL_PARTS,
+                                                 max_steps=2, masks=True, extra=second))  # fmt: skip
+    from hcp_core.train import runner
+
+    seen = []
+
+    def spy(encoder, batch, device=None):
+        seen.append((tuple(batch["target_size_hw"][0].tolist()), batch.get("weight_map") is not None))
+        return unet_conditioning(encoder, batch, device)
+
+    monkeypatch.setattr(runner, "unet_conditioning", spy)
+    result = hcp_core.run(hcp_core.load_config(cfg))
+    assert result.step == 2 and math.isfinite(result.last_loss)
+    assert len(seen) == 4 and seen[1] == ((64, 64), False) and seen[3] == ((64, 64), False)
+    assert seen[0][1] and seen[2][1]  # the first dataset's batches carry their masks

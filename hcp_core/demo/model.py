@@ -237,6 +237,23 @@ def ddpm_scheduler(prediction_type: str = "epsilon") -> Any:
     )
 
 
+def new_demo_folder(out_dir: str | Path, prediction_type: str) -> Path:
+    """``out_dir``, created, after checking ``prediction_type`` ("epsilon" or "v_prediction")."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def calibrated_vae(seed: int) -> Any:
+    """A :func:`tiny_vae` drawn under ``seed`` whose scaling factor suits its random weights."""
+    with _seeded(seed):
+        vae = tiny_vae()
+    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
+    return vae
+
+
 def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny SD 1.x diffusers folder to ``out_dir`` without any download; return its path.
 
@@ -245,10 +262,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
     """
     from ..models.pipelines import pipeline_class
 
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_demo_folder(out_dir, prediction_type)
 
     vocab, merges = train_demo_tokenizer()
     tokenizer = save_demo_tokenizer(out / "tokenizer", vocab, merges)
@@ -257,9 +271,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
         text_encoder = tiny_text_encoder(vocab)
     with _seeded(seed * 10 + 2):
         unet = tiny_unet(cross_attention_dim=text_encoder.config.hidden_size)
-    with _seeded(seed * 10 + 3):
-        vae = tiny_vae()
-    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
+    vae = calibrated_vae(seed * 10 + 3)
 
     pipe = pipeline_class("sd")(
         vae=vae,

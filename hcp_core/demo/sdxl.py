@@ -18,13 +18,13 @@ from typing import Any
 
 from .model import (
     _seeded,
-    calibrate_scaling_factor,
+    calibrated_vae,
     ddpm_scheduler,
+    new_demo_folder,
     save_demo_pipeline,
     save_demo_tokenizer,
     tiny_text_encoder,
     tiny_unet,
-    tiny_vae,
     train_demo_tokenizer,
 )
 
@@ -61,10 +61,7 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
     """
     from ..models.pipelines import pipeline_class
 
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = new_demo_folder(out_dir, prediction_type)
 
     vocab, merges = train_demo_tokenizer()
     tokenizer = save_demo_tokenizer(out / "tokenizer", vocab, merges)
@@ -76,9 +73,7 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
         text_encoder_2 = tiny_text_encoder(vocab, hidden_size=HIDDEN_2, with_projection=True)
     with _seeded(seed * 10 + 7):
         unet = tiny_sdxl_unet(projection_dim=text_encoder_2.config.projection_dim)
-    with _seeded(seed * 10 + 8):
-        vae = tiny_vae()
-    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae))
+    vae = calibrated_vae(seed * 10 + 8)
 
     pipe = pipeline_class("sdxl")(
         vae=vae,

@@ -26,8 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..interfaces import ModelBundle
-from ..models.pipelines import PIPELINE_CLASSES as PIPELINES
-from ..models.pipelines import pipeline_class
+from ..models.pipelines import PIPELINE_CLASSES, pipeline_class
 from ..models.text_encoding import EncodedPrompts
 from .params import MAX_SEED, GenerationParams
 from .schedulers import make_scheduler
@@ -36,8 +35,8 @@ from .schedulers import make_scheduler
 def model_kind(models: ModelBundle) -> str:
     """``models.kind`` ("sd" or "sdxl"); a :class:`UserError` for a kind hcp cannot render."""
     kind = getattr(models, "kind", "sd")
-    if kind not in PIPELINES:
-        raise UserError(f"cannot render a {kind!r} model: hcp renders {', '.join(PIPELINES)} models")
+    if kind not in PIPELINE_CLASSES:
+        raise UserError(f"cannot render a {kind!r} model: hcp renders {', '.join(PIPELINE_CLASSES)} models")
     return kind
 
 

@@ -156,7 +156,7 @@ def build_pipeline(model: str, sampler: str, device: str, dtype: Optional[str]) 
     from ..generation.render import build_pipeline as pipeline_for
 
     loaded = load_for_generation(model, device=device, dtype=dtype, log_fn=lambda _message: None)
-    return pipeline_for(loaded.models, sampler_name(sampler))
+    return pipeline_for(loaded.models, sampler)
 
 
 def generate(args: argparse.Namespace, log=print) -> List[int]:
@@ -169,7 +169,7 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
         raise UserError("--num, --batch-size and --steps must be at least 1")
     if args.width % 8 or args.height % 8 or args.width < 8 or args.height < 8:
         raise UserError(f"--width and --height must be multiples of 8, got {args.width}x{args.height}")
-    sampler_name(args.sampler)  # before any model loads
+    sampler = sampler_name(args.sampler)  # before any model loads
     prompts = read_prompts(args.prompt_file, args.column) if args.prompt_file else [clean_caption(args.prompt)]
     out = Path(args.out)
     settings = {
@@ -183,7 +183,7 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
     if not todo:
         return []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = build_pipeline(args.model, args.sampler, device, args.dtype)
+    pipe = build_pipeline(args.model, sampler, device, args.dtype)
     order = PromptOrder(len(prompts), args.seed)
     written: List[int] = []
     for start in range(0, len(todo), args.batch_size):

@@ -60,7 +60,11 @@ def kohya_name(prefix: str, canonical: str) -> str:
     (and ``add_embedding.linear_1`` -> ``lora_unet_label_emb_0_0``, see :data:`KOHYA_UNET_RENAMES`)."""
     if prefix == "lora_unet":
         canonical = KOHYA_UNET_RENAMES.get(canonical, canonical)
-    return f"{prefix}_{canonical.replace('.', '_')}"
+    return _underscored(prefix, canonical)
+
+
+def _underscored(prefix: str, path: str) -> str:
+    return f"{prefix}_{path.replace('.', '_')}"
 
 
 def lora_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -82,7 +86,8 @@ def kohya_table(parts: Mapping[str, nn.Module], kind: str = "sd") -> Dict[str, T
         for name, _ in lora_layers(model):
             canonical = canonical_path(target, model, name)
             table[kohya_name(prefix, canonical)] = (target, name)
-            table.setdefault(f"{prefix}_{canonical.replace('.', '_')}", (target, name))  # hcp 0.1's add_embedding names
+            if target == UNET and canonical in KOHYA_UNET_RENAMES:  # how hcp wrote them before (diffusers' names)
+                table.setdefault(_underscored(prefix, canonical), (target, name))
             if canonical != name:
                 table.setdefault(kohya_name(prefix, name), (target, name))
             elif target != UNET and name.startswith(TEXT_MODEL_PREFIX):

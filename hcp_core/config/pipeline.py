@@ -68,7 +68,8 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
     assert pipeline is not None
     if not pipeline.data:
         raise ConfigError("data: define at least one dataset, e.g. [data.dataset1] with sources and a bucket")
-    return attrs.evolve(pipeline, adapters=adapters, adapter_options=options, base_dir=str(base_dir), raw=dict(raw))
+    return attrs.evolve(pipeline, adapters=adapters, adapter_options=options, base_dir=str(base_dir), raw=dict(raw),
+                         registry=registry)
 
 
 def _lines(exc: ConfigError) -> List[str]:

@@ -202,3 +202,6 @@ class Pipeline:
     base_dir: str = "."
     #: The merged raw TOML tables (what ``hcp config`` prints).
     raw: Dict[str, Any] = attrs.field(factory=dict, repr=False)
+    #: The registry this pipeline was validated against; the run builds every component
+    #: (adapters included) from it, never from a process-wide one.
+    registry: Any = attrs.field(default=None, repr=False, eq=False)

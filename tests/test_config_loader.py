@@ -237,3 +237,60 @@ def test_override_into_an_empty_list_says_it_is_empty() -> None:
         apply_override({"lora_unet": []}, "lora_unet.0.lr=1")
     assert "0..-1" not in str(err.value)
     assert "empty" in str(err.value)
+
+
+# --------------------------------------------------------------------------- faulty files
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"seed = 1\nexp_dir = \"caf\xe9\"\n", r"not a UTF-8 text file \(byte 23\): save the pipeline as UTF-8 TOML"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"not a UTF-8 text file"),
+        (b"seed = 1\x00\n", r"TOML syntax error"),
+        (b"v = " + b"[" * 5000 + b"]" * 5000, r"values are nested too deeply \(at most 32 levels\)"),
+        (b"v = " + b"{a = " * 5000 + b"1" + b"}" * 5000, r"values are nested too deeply"),
+        (("[" + ".".join(["a"] * 5000) + "]\nx = 1\n").encode(), r"tables and lists are nested more than 32 levels deep"),
+        (b"v = " + b"[" * 40 + b"]" * 40, r"tables and lists are nested more than 32 levels deep"),
+    ],
+    ids=["latin-1", "binary", "nul-byte", "deep-arrays", "deep-inline-tables", "deep-dotted-tables", "deep-but-parseable"],
+)
+def test_a_faulty_file_is_one_error_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "pipe.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_raw(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_deep_base_file_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "deep.toml", "v = " + "[" * 3000 + "]" * 3000)
+    write(tmp_path / "child.toml", 'base = "deep.toml"\n')
+    with pytest.raises(ConfigError, match=r"deep\.toml: values are nested too deeply"):
+        load_raw(tmp_path / "child.toml")
+
+
+def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file: give the path of a \.toml file") as err:
+        load_raw(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_a_nesting_just_within_the_limit_loads(tmp_path: Path) -> None:
+    path = write(tmp_path / "ok.toml", "v = " + "[" * 31 + "1" + "]" * 31)
+    value = load_raw(path)["v"]
+    for _ in range(31):
+        value = value[0]
+    assert value == 1
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (".".join(["a"] * 5000) + "=1", r"the key has 5000 parts; at most 32 levels"),
+        ("v=" + "[" * 5000 + "]" * 5000, r"nested too deeply \(at most 32 levels\)"),
+        ("v=" + "[" * 40 + "]" * 40, r"nested more than 32 levels deep"),
+    ],
+    ids=["deep-key", "deep-value", "deep-but-parseable-value"],
+)
+def test_deeply_nested_overrides_are_refused(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        apply_override({}, item)

@@ -1,9 +1,11 @@
 """Buckets: fixed and ratio (from ratios, from images), assignment and crop plans."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
+import time
 
 import pytest
 
@@ -65,8 +67,10 @@ def test_fixed_bucket():
 
 
 def test_fixed_bucket_rejects_sides_that_latents_cannot_divide():
-    with pytest.raises(ConfigError, match=r"bucket.target_size: each side must be a positive multiple of 8"):
+    with pytest.raises(ConfigError, match=r"bucket.target_size: each side must be a multiple of 8 between 8 and 8192, got \[500, 512\]"):
         build_bucket({"type": "fixed", "target_size": [500, 512]})
+    with pytest.raises(ConfigError, match=r"bucket.target_size: each side must be a multiple of 8 between 8 and 8192, got \[8200, 512\]"):
+        build_bucket({"type": "fixed", "target_size": [8200, 512]})
 
 
 # ----------------------------------------------------------------------------- ratio, from ratios
@@ -109,10 +113,19 @@ def test_more_buckets_than_the_step_allows_uses_all_sizes_and_says_so(caplog):
 @pytest.mark.parametrize(
     "table, message",
     [
-        ({"type": "ratio", "step": 4}, r"bucket.step: must be a multiple of 8 and at least 8, got 4"),
-        ({"type": "ratio", "step": 12}, r"bucket.step: must be a multiple of 8 and at least 8, got 12"),
+        ({"type": "ratio", "step": 4}, r"bucket.step: must be a multiple of 8 between 8 and 8192, got 4"),
+        ({"type": "ratio", "step": 12}, r"bucket.step: must be a multiple of 8 between 8 and 8192, got 12"),
+        ({"type": "ratio", "step": 8200}, r"bucket.step: must be a multiple of 8 between 8 and 8192, got 8200"),
         ({"type": "ratio", "from": "pictures"}, r"bucket.from: must be one of 'ratios', 'images', got 'pictures'"),
-        ({"type": "ratio", "max_ratio": 0.5}, r"bucket.max_ratio: must be at least 1, got 0.5"),
+        ({"type": "ratio", "max_ratio": 0.5}, r"bucket.max_ratio: must be between 1 and 20, got 0.5"),
+        ({"type": "ratio", "max_ratio": 1e15}, r"bucket.max_ratio: must be between 1 and 20, got 1000000000000000.0"),
+        ({"type": "ratio", "max_ratio": math.inf}, r"bucket.max_ratio: must be a finite number \(between 1 and 20\), got inf"),
+        ({"type": "ratio", "max_ratio": math.nan}, r"bucket.max_ratio: must be a finite number \(between 1 and 20\), got nan"),
+        ({"type": "ratio", "target_area": 2**62}, r"bucket.target_area: must be between 1 and 67108864, got 4611686018427387904"),
+        ({"type": "ratio", "target_area": 0}, r"bucket.target_area: must be between 1 and 67108864, got 0"),
+        ({"type": "ratio", "target_size": [16384, 8]}, r"bucket.target_size: each side must be a multiple of 8 between 8 and 8192"),
+        ({"type": "ratio", "num_buckets": 200_000_000}, r"bucket.num_buckets: must be between 1 and 256, got 200000000"),
+        ({"type": "ratio", "num_buckets": 0}, r"bucket.num_buckets: must be between 1 and 256, got 0"),
         ({"type": "ratio", "num_bucket": 3}, r"bucket.num_bucket: unknown key. Did you mean 'num_buckets'\?"),
         ({"type": "ratio", "crop": "middle"}, r"bucket.crop: must be one of 'center', 'random'"),
         ({"type": "ratio", "target_area": 1000, "target_size": [32, 32]}, r"target_area or target_size, not both"),
@@ -142,6 +155,39 @@ def brute_force_kmeans(values, k):
         if best is None or cost < best[0] - 1e-12:
             best = (cost, sorted(sum(p) / len(p) for p in parts))
     return best[1]
+
+
+def reference_kmeans(values, k):
+    """The plain O(k n^2) dynamic program over the sorted values (no speed-up), for larger inputs."""
+    xs = sorted(set(values))
+    weights = [values.count(x) for x in xs]
+    n = len(xs)
+
+    @functools.lru_cache(maxsize=None)
+    def cost(a, b):
+        pts = [(x, w) for x, w in zip(xs[a:b], weights[a:b])]
+        mean = sum(x * w for x, w in pts) / sum(w for _, w in pts)
+        return sum(w * (x - mean) ** 2 for x, w in pts)
+
+    best = {(0, 0): (0.0, [])}
+    for m in range(1, k + 1):
+        for end in range(m, n + 1):
+            best[(m, end)] = min(
+                ((best[(m - 1, s)][0] + cost(s, end), best[(m - 1, s)][1] + [(s, end)]) for s in range(m - 1, end) if (m - 1, s) in best),
+                key=lambda t: t[0],
+            )
+    _, runs = best[(k, n)]
+    return sorted(sum(x * w for x, w in zip(xs[a:b], weights[a:b])) / sum(weights[a:b]) for a, b in runs)
+
+
+def test_kmeans_1d_matches_the_plain_dynamic_program_on_larger_inputs():
+    rng = random.Random(11)
+    for _ in range(6):
+        values = [round(rng.gauss(rng.choice((-1.0, 0.0, 0.7)), 0.2), 3) for _ in range(80)]
+        k = rng.randint(2, 7)
+        got, want = kmeans_1d(values, k), reference_kmeans(values, k)
+        cost = lambda centres: sum(min((v - c) ** 2 for c in centres) for v in values)  # noqa: E731
+        assert cost(got) == pytest.approx(cost(want), rel=1e-9, abs=1e-12)
 
 
 def test_kmeans_1d_is_the_exact_optimum():
@@ -187,6 +233,47 @@ def test_extreme_images_are_clipped_to_max_ratio():
     sizes = [(5000, 500)] * 10 + [(500, 500)] * 10
     got = build_bucket({"type": "ratio", "from": "images", "num_buckets": 2, "max_ratio": 2.0}).fit(sizes)
     assert got == [(512, 512), (704, 384)]
+
+
+# ----------------------------------------------------------------------------- limits
+LARGEST = {"target_area": 8192 * 8192, "step": 8, "max_ratio": 20.0, "num_buckets": 256}
+
+
+@pytest.mark.parametrize("build_from", ["ratios", "images"])
+def test_the_largest_allowed_ratio_config_fits_quickly(build_from):
+    # Every allowed range at its extreme: the biggest area, finest step, widest ratio range, most
+    # buckets, and 100,000 images of every shape (about 6,000 distinct log ratios to cluster).
+    bucket = build_bucket({"type": "ratio", "from": build_from, **LARGEST})
+    rng = random.Random(0)
+    sizes = [(rng.randint(1, 30000), rng.randint(1, 30000)) for _ in range(100_000)]
+    start = time.perf_counter()
+    got = bucket.fit(sizes)
+    assert time.perf_counter() - start < 20  # about a second; the unbounded versions ran for minutes
+    assert len(got) == 256 == len(set(got))
+    assert [log_ratio(s) for s in got] == sorted(log_ratio(s) for s in got)
+    for w, h in got:
+        assert w % 8 == 0 and h % 8 == 0 and 1 / 20 - 1e-9 <= w / h <= 20 + 1e-9
+        assert abs(w * h - 8192 * 8192) <= 8 * max(w, h) / 2 + 1e-9
+
+
+@pytest.mark.parametrize("table", [
+    {"type": "ratio", "target_area": 64, "step": 8, "max_ratio": 20.0, "num_buckets": 256},  # smallest area
+    {"type": "ratio", "target_size": [8192, 8192], "step": 8192, "max_ratio": 1.0, "num_buckets": 1},
+    {"type": "ratio", "target_area": 8192 * 8192, "step": 8192, "max_ratio": 20.0, "num_buckets": 256},
+    {"type": "ratio", "from": "images", "target_area": 64, "step": 8, "max_ratio": 1.0, "num_buckets": 256},
+    {"type": "fixed", "target_size": [8192, 8192]},
+])  # fmt: skip
+def test_other_extremes_fit_quickly(table):
+    start = time.perf_counter()
+    got = build_bucket(table).fit(random_sizes(1000))
+    assert time.perf_counter() - start < 5
+    assert got and all(w % 8 == 0 and h % 8 == 0 and w <= 8192 * 20 and h <= 8192 * 20 for w, h in got)
+
+
+def test_match_ordered_takes_the_whole_candidate_list_when_it_must():
+    cands = [0.1 * i for i in range(50)]
+    assert match_ordered(cands, cands) == list(range(50))
+    assert match_ordered([0.0, 0.0, 0.0], cands) == [0, 1, 2]  # ties: the lowest indices
 
 
 # ----------------------------------------------------------------------------- assignment

@@ -91,6 +91,9 @@ def make_converter(registry: Registry) -> cattrs.Converter:
                 return inner(value, cls)
             except ClassValidationError as exc:
                 _attach_validator_fields(exc, cls)
+                more = _other_scalar_problems(conv, cls, value, exc)
+                if more:
+                    raise ClassValidationError(exc.message, [*exc.exceptions, *more], cls) from None
                 raise
             except (ValueError, TypeError) as exc:
                 if _field_of(exc, cls) is None:
@@ -166,6 +169,45 @@ def _attach_validator_fields(group: ClassValidationError, cls: type) -> None:
         notes = getattr(sub, "__notes__", None) or []
         if not any(isinstance(n, cattrs.errors.AttributeValidationNote) for n in notes) and _field_of(sub, cls) is not None:
             _noted(sub, cls)
+
+
+_SCALARS = (int, float, str, bool)
+
+
+def _is_scalar(t: Any) -> bool:
+    """int, float, str, bool, or a Union/Optional of them (fields whose validators need no instance)."""
+    if t in _SCALARS:
+        return True
+    args = typing.get_args(t) if typing.get_origin(t) is Union else ()
+    return bool(args) and all(a in _SCALARS or a is type(None) for a in args)
+
+
+def _other_scalar_problems(conv: cattrs.Converter, cls: type, value: Mapping[str, Any],
+                           group: ClassValidationError) -> List[BaseException]:
+    """Validator failures of ``cls``'s scalar fields that ``group`` does not report yet.
+
+    attrs stops at the first failing validator, and never runs any when a field failed to
+    structure; checking each scalar field on its own reports every bad value at once.
+    """
+    reported = set()
+    for sub in group.exceptions:
+        for note in getattr(sub, "__notes__", None) or []:
+            if isinstance(note, cattrs.errors.AttributeValidationNote):
+                reported.add(note.name)
+    renames = _renames(cls)
+    out: List[BaseException] = []
+    for field in attrs.fields(cls):
+        key = renames.get(field.name, field.name)
+        if field.validator is None or key in reported or key not in value or not _is_scalar(field.type):
+            continue
+        try:
+            field.validator(None, field, conv.structure(value[key], field.type))
+        except ValueError as exc:
+            if _field_of(exc, cls) is not None:
+                out.append(_noted(exc, cls))
+        except Exception:  # noqa: BLE001 - a plugin validator that needs the instance: attrs reports it
+            continue
+    return out
 
 
 def _strict_list(conv: cattrs.Converter):

@@ -2,6 +2,9 @@
 
 Merge rule: tables merge key by key, anything else (lists included) is replaced whole, and the
 file that names a base wins over it. Base paths are relative to the file that names them.
+
+Every fault of a file (missing, a folder, not UTF-8 text, not TOML, nested absurdly deep) is one
+:class:`ConfigError` naming the file, never a traceback.
 """
 from __future__ import annotations
 
@@ -19,17 +22,44 @@ else:  # pragma: no cover
 from ..errors import ConfigError
 
 BASE_KEY = "base"
+#: Deepest nesting of tables and lists a pipeline may have. Real pipelines nest about 5 deep;
+#: the limit keeps merging, copying and validating (all recursive) far from Python's own limit.
+MAX_DEPTH = 32
 
 
 def read_toml(path: Path) -> Dict[str, Any]:
-    """Parse one TOML file; syntax errors name the file and position."""
+    """Parse one TOML file; every problem with it is a ConfigError naming the file."""
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a config file: give the path of a .toml file") from None
+    except UnicodeDecodeError as exc:  # binary files land here too
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}): save the pipeline as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: values are nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    check_depth(data, str(path))
+    return data
+
+
+def check_depth(data: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """ConfigError if tables/lists in ``data`` nest deeper than ``limit`` (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (Mapping, list)):
+                if depth + 1 > limit:
+                    raise ConfigError(f"{where}: tables and lists are nested more than {limit} levels deep; "
+                                      "a pipeline needs only a few")
+                stack.append((child, depth + 1))
 
 
 def deep_merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> Dict[str, Any]:
@@ -71,9 +101,13 @@ def parse_override_value(text: str) -> Any:
     works without shell-quoted quotes.
     """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text.strip()
+    except RecursionError:
+        raise ConfigError(f"override value {text[:40]!r}...: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    check_depth(value, f"override value {text[:40]!r}")
+    return value
 
 
 def apply_override(data: MutableMapping[str, Any], item: str) -> None:
@@ -83,6 +117,8 @@ def apply_override(data: MutableMapping[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override '{item}' is not KEY=VALUE (for example: data.dataset1.batch_size=2)")
     parts = key.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"override '{item[:60]}...': the key has {len(parts)} parts; at most {MAX_DEPTH} levels")
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])

@@ -3,6 +3,11 @@ data.<dataset>.batch_size, [[unet]], [[lora_unet]], [tokenizer_pt], ...).
 
 Adapter sections ([[unet]], [[lora_unet]], [tokenizer_pt], ...) are not fields here: adapters
 claim them at registration, so a plugin can add its own section.
+
+Every number has a range (docs/training.md, "Value ranges"): a value that would corrupt or crash
+a run (NaN, a negative learning rate, a decay of 5, a seed numpy refuses) or make it allocate
+absurdly (a batch of 2**63) is refused here, so ``hcp check`` reports it as ``hcp run`` would.
+This module imports nothing from data/ or generation/: config is the core's lowest layer.
 """
 from __future__ import annotations
 
@@ -11,40 +16,38 @@ from typing import Any, Dict, List, Optional, Tuple
 import attrs
 
 from ..registry import BucketSpec, LossSpec, SourceSpec
+from .validators import at_least, each, fail, greater_than, in_range, not_blank, one_of, seed_in_range
+from .values import MAX_SIDE, fill_placeholders, parse_colour, parse_size, placeholders, unknown_scheduler
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+#: Upper bounds that only refuse absurd values (each far beyond any real run).
+MAX_STEPS = 100_000_000
+MAX_GRADIENT_ACCUMULATION = 4096
+MAX_BATCH_SIZE = 4096
+MAX_NUM_WORKERS = 1024
+#: diffusers' samplers refuse more steps than the model's 1000 training timesteps.
+MAX_SAMPLE_STEPS = 1000
+MAX_CFG = 100.0
 
-def _one_of(options: Tuple[str, ...]):
-    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is not None and value not in options:
-            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}", attribute)
-
-    return check
-
-
-def _at_least(low: float):
-    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value is not None and value < low:
-            raise ValueError(f"must be at least {low}, got {value!r}", attribute)
-
-    return check
+#: A fraction in [0, 1): EMA decay, Adam's betas, SGD momentum (1 or more never forgets / diverges).
+_unit_open = in_range(0, 1, high_open=True)
 
 
 @attrs.define
 class ModelConfig:
     """``[model]``: which checkpoint, and how it runs."""
 
-    pretrained: str
+    pretrained: str = attrs.field(validator=not_blank)
     #: For a single-file checkpoint: a local diffusers folder of the same architecture whose
     #: configs and tokenizer describe it (diffusers needs them to read the file offline).
-    config: Optional[str] = None
-    clip_skip: int = attrs.field(default=0, validator=_at_least(0))
-    mixed_precision: str = attrs.field(default="no", validator=_one_of(MIXED_PRECISION))
+    config: Optional[str] = attrs.field(default=None, validator=not_blank)
+    clip_skip: int = attrs.field(default=0, validator=at_least(0))  # its upper bound depends on the model
+    mixed_precision: str = attrs.field(default="no", validator=one_of(MIXED_PRECISION))
     gradient_checkpointing: bool = False
     #: Override the scheduler config's prediction type ("epsilon" | "v_prediction").
-    prediction_type: Optional[str] = attrs.field(default=None, validator=_one_of(PREDICTION_TYPES))
+    prediction_type: Optional[str] = attrs.field(default=None, validator=one_of(PREDICTION_TYPES))
     #: Keep the VAE in fp32 under fp16/bf16 (the SDXL VAE overflows in fp16).
     vae_fp32: bool = True
 
@@ -54,10 +57,10 @@ class OptimizerConfig:
     """``train.optimizer``: a registry name (never an import path) and its options."""
 
     type: str = "adamw"
-    weight_decay: float = 1e-2
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.0  # sgd only
+    weight_decay: float = attrs.field(default=1e-2, validator=at_least(0))
+    betas: Tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=each(_unit_open))
+    eps: float = attrs.field(default=1e-8, validator=in_range(0, 1, low_open=True))  # 0 divides by zero
+    momentum: float = attrs.field(default=0.0, validator=_unit_open)  # sgd only
 
 
 @attrs.define
@@ -65,8 +68,9 @@ class SchedulerConfig:
     """``train.scheduler``: learning-rate schedule by name."""
 
     type: str = "constant"
-    warmup_steps: int = attrs.field(default=0, validator=_at_least(0))
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak lr
+    warmup_steps: int = attrs.field(default=0, validator=at_least(0))
+    #: Cosine/linear floor, as a fraction of the peak lr.
+    min_lr_ratio: float = attrs.field(default=0.0, validator=in_range(0, 1))
 
 
 @attrs.define
@@ -74,7 +78,7 @@ class EmaConfig:
     """``train.ema``: exponential moving average of the trained weights."""
 
     enabled: bool = False
-    decay: float = 0.999
+    decay: float = attrs.field(default=0.999, validator=_unit_open)
 
 
 def _default_loss() -> Any:
@@ -85,18 +89,20 @@ def _default_loss() -> Any:
 class TrainConfig:
     """``[train]``: the loop's hyper-parameters."""
 
-    max_steps: int = attrs.field(default=1000, validator=_at_least(1))
-    gradient_accumulation: int = attrs.field(default=1, validator=_at_least(1))
-    max_grad_norm: Optional[float] = 1.0
-    save_every: int = attrs.field(default=0, validator=_at_least(0))  # 0: only at the end
-    log_every: int = attrs.field(default=10, validator=_at_least(1))
+    max_steps: int = attrs.field(default=1000, validator=in_range(1, MAX_STEPS))
+    gradient_accumulation: int = attrs.field(default=1, validator=in_range(1, MAX_GRADIENT_ACCUMULATION))
+    #: Gradient clipping norm; 0 or unset: no clipping.
+    max_grad_norm: Optional[float] = attrs.field(default=1.0, validator=at_least(0))
+    save_every: int = attrs.field(default=0, validator=at_least(0))  # 0: only at the end
+    log_every: int = attrs.field(default=10, validator=at_least(1))
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     loss: Optional[LossSpec] = None  # None means the registered "mse"
-    min_snr_gamma: Optional[float] = None
-    noise_offset: float = 0.0
+    #: Min-SNR weighting; 0 would weigh every loss to zero.
+    min_snr_gamma: Optional[float] = attrs.field(default=None, validator=greater_than(0))
+    noise_offset: float = attrs.field(default=0.0, validator=in_range(0, 1))
     ema: EmaConfig = attrs.field(factory=EmaConfig)
-    keep_checkpoints: int = attrs.field(default=2, validator=_at_least(1))
+    keep_checkpoints: int = attrs.field(default=2, validator=at_least(1))
 
 
 @attrs.define
@@ -105,55 +111,50 @@ class DatasetConfig:
 
     sources: List[SourceSpec]
     bucket: BucketSpec
-    batch_size: int = attrs.field(default=1, validator=_at_least(1))
-    loss_weight: float = 1.0
+    batch_size: int = attrs.field(default=1, validator=in_range(1, MAX_BATCH_SIZE))
+    #: This dataset's share of the loss; 0 trains nothing on it, NaN would poison every step.
+    loss_weight: float = attrs.field(default=1.0, validator=at_least(0))
     cache_latents: bool = False
-    num_workers: int = attrs.field(default=0, validator=_at_least(0))
+    #: DataLoader worker processes (the run also caps them to the CPU count).
+    num_workers: int = attrs.field(default=0, validator=in_range(0, MAX_NUM_WORKERS))
     #: Where cached latents live; default ``<exp_dir>/latent_cache``.
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = attrs.field(default=None, validator=not_blank)
     #: Colour transparent images (RGBA, LA, paletted with transparency) are composited on.
     background: str = attrs.field(default="white")
 
     @background.validator
     def _check_background(self, attribute: attrs.Attribute, value: str) -> None:
-        from ..data.images import parse_colour  # imports PIL only when a config is checked
-
         try:
-            parse_colour(value)
+            parse_colour(value)  # imports PIL only when a config is checked
         except ValueError as exc:
-            raise ValueError(str(exc), attribute) from None
+            fail(attribute, str(exc))
 
 
 def _sample_size(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is None:
         return
-    from ..generation.params import parse_size
-
     try:
-        parse_size(value)
+        width, height = parse_size(value)
     except ValueError as exc:
-        raise ValueError(str(exc), attribute) from None
+        fail(attribute, str(exc))
+    if max(width, height) > MAX_SIDE:
+        fail(attribute, f"size {width}x{height}: width and height must be at most {MAX_SIDE}")
 
 
 def _sample_scheduler(inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    from ..generation.schedulers import UnknownSchedulerError, scheduler_choice
-
-    try:
-        scheduler_choice(value, where=None)
-    except UnknownSchedulerError as exc:
-        raise ValueError(str(exc), attribute) from None
+    problem = unknown_scheduler(value)
+    if problem is not None:
+        fail(attribute, problem)
 
 
 def _sample_prompts(inst: "SampleConfig", attribute: attrs.Attribute, value: List[str]) -> None:
-    from ..data.prompts import fill_placeholders, placeholders
-
     if not value:
-        raise ValueError("list at least one prompt, e.g. prompts = [\"a photo of a cat\"]", attribute)
+        fail(attribute, "list at least one prompt, e.g. prompts = [\"a photo of a cat\"]")
     for i, prompt in enumerate(value):
         left = placeholders(fill_placeholders(prompt, inst.word_names))
         if left:
-            raise ValueError(f"prompt {i} ({prompt!r}) has {{{left[0]}}} but word_names does not fill it; "
-                             f"add word_names = {{ {left[0]} = \"my-word\" }}", attribute)
+            fail(attribute, f"prompt {i} ({prompt!r}) has {{{left[0]}}} but word_names does not fill it; "
+                            f"add word_names = {{ {left[0]} = \"my-word\" }}")
 
 
 @attrs.define
@@ -168,18 +169,17 @@ class SampleConfig:
     prompts: List[str] = attrs.field(factory=list, validator=_sample_prompts)
     negative_prompt: str = ""
     word_names: Dict[str, str] = attrs.field(factory=dict)
-    every: int = attrs.field(default=0, validator=_at_least(0))
-    seed: int = attrs.field(default=0, validator=_at_least(0))
-    steps: int = attrs.field(default=20, validator=_at_least(1))
+    every: int = attrs.field(default=0, validator=at_least(0))
+    seed: int = attrs.field(default=0, validator=seed_in_range)
+    steps: int = attrs.field(default=20, validator=in_range(1, MAX_SAMPLE_STEPS))
     #: "WxH" or [W, H]; None: the first bucket of the first dataset.
     size: Any = attrs.field(default=None, validator=_sample_size)
     scheduler: str = attrs.field(default="ddim", validator=_sample_scheduler)
-    cfg: float = 7.0
+    #: Classifier-free guidance scale (1 or less: no guidance).
+    cfg: float = attrs.field(default=7.0, validator=in_range(0, MAX_CFG))
 
     def resolution(self, default: Tuple[int, int]) -> Tuple[int, int]:
         """``(width, height)`` to sample at; ``default`` when ``size`` is not set."""
-        from ..generation.params import parse_size
-
         return default if self.size is None else parse_size(self.size)
 
 
@@ -189,8 +189,9 @@ class Pipeline:
 
     model: ModelConfig
     data: Dict[str, DatasetConfig]
-    seed: int = 0
-    exp_dir: str = "runs/exp"
+    seed: int = attrs.field(default=0, validator=seed_in_range)
+    #: Where the run writes; blank would write into the working directory itself.
+    exp_dir: str = attrs.field(default="runs/exp", validator=not_blank)
     train: TrainConfig = attrs.field(factory=TrainConfig)
     sample: Optional[SampleConfig] = None
     #: Adapter sections, structured by the adapters that claim them:

@@ -9,26 +9,15 @@ read as placeholders.
 from __future__ import annotations
 
 import random
-import re
 from typing import Iterable, Mapping, Sequence
 
 import attrs
 
+from ..config.values import PLACEHOLDER, fill_placeholders, placeholders  # noqa: F401  (moved to config)
 from ..errors import ConfigError
 from ..interfaces import ImageRecord, PromptParts
 
-PLACEHOLDER = re.compile(r"\{(\w+)\}")
 CAPTION = "caption"
-
-
-def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
-    """Replace each ``{name}`` whose name is in ``values``; others are left as they are."""
-    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
-
-
-def placeholders(text: str) -> list[str]:
-    """Names of the ``{name}`` placeholders in ``text``, in order."""
-    return PLACEHOLDER.findall(text)
 
 
 @attrs.frozen

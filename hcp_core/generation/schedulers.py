@@ -6,10 +6,10 @@ PLMS without Runge-Kutta warm-up). Importing this module imports no torch.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-import attrs
-
+# The table of sampler names is plain data at the config level (the schema validates [sample] with it).
+from ..config.values import SCHEDULERS, SchedulerChoice, unknown_scheduler
 from ..errors import UserError, did_you_mean
 
 
@@ -17,43 +17,13 @@ class UnknownSchedulerError(UserError):
     """A sampler name hcp does not know."""
 
 
-@attrs.frozen
-class SchedulerChoice:
-    """One sampler: hcp name, diffusers class name, webui name, extra config options."""
-
-    name: str
-    diffusers_class: str
-    webui_name: str
-    options: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-#: hcp name -> sampler. webui's "PLMS" is PNDM without its Runge-Kutta warm-up steps.
-SCHEDULERS: Dict[str, SchedulerChoice] = {
-    c.name: c
-    for c in (
-        SchedulerChoice("ddim", "DDIMScheduler", "DDIM"),
-        SchedulerChoice("ddpm", "DDPMScheduler", "DDPM"),
-        SchedulerChoice("pndm", "PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
-        SchedulerChoice("euler", "EulerDiscreteScheduler", "Euler"),
-        SchedulerChoice("euler_a", "EulerAncestralDiscreteScheduler", "Euler a"),
-        SchedulerChoice("heun", "HeunDiscreteScheduler", "Heun"),
-        SchedulerChoice("dpm++_2m", "DPMSolverMultistepScheduler", "DPM++ 2M"),
-        SchedulerChoice("dpm++_2m_karras", "DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
-        SchedulerChoice("unipc", "UniPCMultistepScheduler", "UniPC"),
-    )
-}
-
-
 def scheduler_choice(name: str, where: Optional[str] = "--scheduler") -> SchedulerChoice:
     """The sampler called ``name``; an unknown name raises :class:`UnknownSchedulerError`
     (its message starts with ``where``, when given)."""
-    choice = SCHEDULERS.get(name)
-    if choice is None:
-        prefix = f"{where}: " if where else ""
-        raise UnknownSchedulerError(
-            f"{prefix}unknown scheduler {name!r}.{did_you_mean(name, SCHEDULERS)} Known: {', '.join(SCHEDULERS)}."
-        )
-    return choice
+    problem = unknown_scheduler(name)
+    if problem is not None:
+        raise UnknownSchedulerError(f"{where}: {problem}" if where else problem)
+    return SCHEDULERS[name]
 
 
 def scheduler_from_webui_name(webui_name: str) -> SchedulerChoice:

@@ -1,45 +1,41 @@
-"""Config classes of the built-in buckets (light: imported at registration)."""
+"""Config classes of the built-in buckets (light: imported at registration).
+
+Limits (docs/data.md, "Bucket limits"): sides and steps are multiples of 8 up to MAX_SIDE
+(8192), the target area at most MAX_AREA (8192 * 8192 = 67,108,864 px), max_ratio between 1
+and MAX_RATIO (20), num_buckets between 1 and MAX_BUCKETS (256). Within them every bucket's
+``fit`` takes well under a second; tests/test_data_buckets.py times the extremes.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
 import attrs
 
+from hcp_core.config.validators import fail, in_range, one_of
+from hcp_core.config.values import MAX_AREA, MAX_SIDE, SIZE_MULTIPLE
+
 CROP_MODES = ("center", "random")
 BUILD_FROM = ("ratios", "images")
 #: The VAE downsamples by 8, so every bucket side must be a multiple of 8.
-LATENT_MULTIPLE = 8
+LATENT_MULTIPLE = SIZE_MULTIPLE
 DEFAULT_AREA = 512 * 512
-
-
-def _one_of(options: Tuple[str, ...]):
-    def check(inst: Any, attribute: attrs.Attribute, value: str) -> None:
-        if value not in options:
-            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}", attribute)
-
-    return check
+#: Longest side / shortest side; 20:1 is already a thin strip.
+MAX_RATIO = 20.0
+#: More buckets than this only splits a data set into batches too rare to fill.
+MAX_BUCKETS = 256
 
 
 def _side(inst: Any, attribute: attrs.Attribute, value: Optional[Tuple[int, int]]) -> None:
     if value is None:
         return
-    if any(v < LATENT_MULTIPLE or v % LATENT_MULTIPLE for v in value):
-        raise ValueError(f"each side must be a positive multiple of {LATENT_MULTIPLE}, got {list(value)}", attribute)
+    if any(v < LATENT_MULTIPLE or v % LATENT_MULTIPLE or v > MAX_SIDE for v in value):
+        fail(attribute, f"each side must be a multiple of {LATENT_MULTIPLE} between {LATENT_MULTIPLE} and {MAX_SIDE}, "
+                        f"got {list(value)}")
 
 
 def _step(inst: Any, attribute: attrs.Attribute, value: int) -> None:
-    if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE:
-        raise ValueError(f"must be a multiple of {LATENT_MULTIPLE} and at least {LATENT_MULTIPLE}, got {value!r}", attribute)
-
-
-def _positive(inst: Any, attribute: attrs.Attribute, value: Optional[float]) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"must be positive, got {value!r}", attribute)
-
-
-def _at_least_one(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value!r}", attribute)
+    if value < LATENT_MULTIPLE or value % LATENT_MULTIPLE or value > MAX_SIDE:
+        fail(attribute, f"must be a multiple of {LATENT_MULTIPLE} between {LATENT_MULTIPLE} and {MAX_SIDE}, got {value!r}")
 
 
 @attrs.define
@@ -47,7 +43,7 @@ class FixedBucketConfig:
     """Every image resized to cover target_size = [w, h], then cropped to it (crop = "center" | "random")."""
 
     target_size: Tuple[int, int] = attrs.field(default=(512, 512), validator=_side)
-    crop: str = attrs.field(default="center", validator=_one_of(CROP_MODES))
+    crop: str = attrs.field(default="center", validator=one_of(CROP_MODES))
 
 
 @attrs.define
@@ -59,13 +55,13 @@ class RatioBucketConfig:
     """
 
     # ``from`` is a Python keyword: the TOML key is "from", the attribute build_from.
-    build_from: str = attrs.field(default="ratios", validator=_one_of(BUILD_FROM), metadata={"key": "from"})
-    target_area: Optional[int] = attrs.field(default=None, validator=_positive)
+    build_from: str = attrs.field(default="ratios", validator=one_of(BUILD_FROM), metadata={"key": "from"})
+    target_area: Optional[int] = attrs.field(default=None, validator=in_range(1, MAX_AREA))
     target_size: Optional[Tuple[int, int]] = attrs.field(default=None, validator=_side)
     step: int = attrs.field(default=64, validator=_step)
-    num_buckets: int = attrs.field(default=5, validator=_at_least_one)
-    max_ratio: float = attrs.field(default=2.0, validator=_at_least_one)
-    crop: str = attrs.field(default="center", validator=_one_of(CROP_MODES))
+    num_buckets: int = attrs.field(default=5, validator=in_range(1, MAX_BUCKETS))
+    max_ratio: float = attrs.field(default=2.0, validator=in_range(1, MAX_RATIO))
+    crop: str = attrs.field(default="center", validator=one_of(CROP_MODES))
 
     def __attrs_post_init__(self) -> None:
         if self.target_area is not None and self.target_size is not None:

@@ -1,27 +1,19 @@
 """Config class of the built-in ``image_folder`` source (light: imported at registration)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import attrs
 
+from hcp_core.config.validators import in_range, not_blank
 from hcp_core.registry import TextTransformSpec
 
 #: PIL's default decompression-bomb threshold.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-
-
-def _at_least(low: int):
-    def check(inst: Any, attribute: attrs.Attribute, value: int) -> None:
-        if value < low:
-            raise ValueError(f"must be at least {low}, got {value!r}", attribute)
-
-    return check
-
-
-def _not_blank(inst: Any, attribute: attrs.Attribute, value: Optional[str]) -> None:
-    if value is not None and not value.strip():
-        raise ValueError("must not be empty", attribute)
+#: Times one epoch lists each image; more only inflates the epoch (use max_steps to train longer).
+MAX_REPEAT = 10_000
+#: The largest max_image_pixels: 2**31 px (a 46341 x 46341 image) already takes 6 GiB as RGB.
+MAX_IMAGE_PIXELS_LIMIT = 2**31
 
 
 @attrs.define
@@ -35,15 +27,15 @@ class ImageFolderConfig:
     directory, then against img_root.
     """
 
-    img_root: str = attrs.field(validator=_not_blank)
-    caption_file: Optional[str] = attrs.field(default=None, validator=_not_blank)
+    img_root: str = attrs.field(validator=not_blank)
+    caption_file: Optional[str] = attrs.field(default=None, validator=not_blank)
     prompt_template: str = "{caption}"
-    repeat: int = attrs.field(default=1, validator=_at_least(1))
-    att_mask: Optional[str] = attrs.field(default=None, validator=_not_blank)
+    repeat: int = attrs.field(default=1, validator=in_range(1, MAX_REPEAT))
+    att_mask: Optional[str] = attrs.field(default=None, validator=not_blank)
     text_transforms: List[TextTransformSpec] = attrs.field(factory=list)
     word_names: Dict[str, str] = attrs.field(factory=dict)
     #: Also scan sub-folders (the mask folder and hidden folders are skipped). Off by default, as
     #: in the original tool, so a mask folder inside img_root is never mistaken for images.
     recursive: bool = False
     #: Larger images are skipped as possible decompression bombs.
-    max_image_pixels: int = attrs.field(default=DEFAULT_MAX_IMAGE_PIXELS, validator=_at_least(1))
+    max_image_pixels: int = attrs.field(default=DEFAULT_MAX_IMAGE_PIXELS, validator=in_range(1, MAX_IMAGE_PIXELS_LIMIT))

@@ -1,24 +1,11 @@
 """Config classes of the built-in text transforms (light: imported at registration)."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict
 
 import attrs
 
-
-def _probability(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"must be between 0 and 1, got {value!r}", attribute)
-
-
-def _not_negative(inst: Any, attribute: attrs.Attribute, value: int) -> None:
-    if value < 0:
-        raise ValueError(f"must be 0 or more, got {value!r}", attribute)
-
-
-def _not_empty(inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not value.strip():
-        raise ValueError("must not be empty or blank", attribute)
+from hcp_core.config.validators import at_least, in_range, not_blank
 
 
 @attrs.define
@@ -36,14 +23,14 @@ class TemplateFillConfig:
 class TagShuffleConfig:
     """Shuffle the tags of a comma-separated caption; keep_first tags stay in front, in order."""
 
-    separator: str = attrs.field(default=",", validator=_not_empty)
-    keep_first: int = attrs.field(default=0, validator=_not_negative)
+    separator: str = attrs.field(default=",", validator=not_blank)
+    keep_first: int = attrs.field(default=0, validator=at_least(0))
 
 
 @attrs.define
 class TagDropoutConfig:
     """Drop each tag of a comma-separated caption with probability p; keep_first tags are never dropped."""
 
-    p: float = attrs.field(default=0.1, validator=_probability)
-    separator: str = attrs.field(default=",", validator=_not_empty)
-    keep_first: int = attrs.field(default=0, validator=_not_negative)
+    p: float = attrs.field(default=0.1, validator=in_range(0, 1))
+    separator: str = attrs.field(default=",", validator=not_blank)
+    keep_first: int = attrs.field(default=0, validator=at_least(0))

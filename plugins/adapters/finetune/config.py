@@ -5,10 +5,7 @@ from typing import List
 
 import attrs
 
-
-def _positive(inst, attribute, value) -> None:
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value!r}", attribute)
+from hcp_core.config.validators import greater_than
 
 
 def _non_empty(inst, attribute, value) -> None:
@@ -21,4 +18,4 @@ class FinetuneGroup:
     """Train every parameter of the selected layers with learning rate ``lr``."""
 
     layers: List[str] = attrs.field(validator=_non_empty)
-    lr: float = attrs.field(default=1e-6, validator=_positive)
+    lr: float = attrs.field(default=1e-6, validator=greater_than(0))

@@ -9,60 +9,49 @@ from typing import Any, List, Optional, Union
 
 import attrs
 
+from hcp_core.config.validators import at_least, describe_range, fail, in_range, one_of
 from hcp_core.models.layer_select import compile_pattern
 
 EXPORT_FORMATS = ("kohya", "peft")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+#: Largest integer rank: beyond any layer of SD/SDXL (the adapter also caps it to the layer's size).
+MAX_RANK = 4096
+#: alpha / rank scales the LoRA output; beyond this the update swamps the host layer.
+MAX_ALPHA = 65536.0
 
-
-def _fail(attribute: attrs.Attribute, message: str) -> None:
-    raise ValueError(message, attribute)
-
-
-def _check_lr(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        _fail(attribute, f"must be 0 or more, got {value!r}")
+_INT_RANK = describe_range(1, MAX_RANK)
+_FLOAT_RANK = describe_range(0, 1, low_open=True)
 
 
 def _check_rank(inst: Any, attribute: attrs.Attribute, value: Union[int, float]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(attribute, f"must be an integer rank or a fraction of the output channels, got {value!r}")
+        fail(attribute, f"must be an integer rank or a fraction of the output channels, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
-            _fail(attribute, f"an integer rank must be at least 1, got {value!r}")
-    elif not 0.0 < value <= 1.0:
+        if not 1 <= value <= MAX_RANK:
+            fail(attribute, f"an integer rank must be {_INT_RANK}, got {value!r}")
+    elif not 0.0 < value <= 1.0:  # NaN fails this too
         hint = f"; for a fixed rank write rank = {int(value)}" if value > 1 and float(value).is_integer() else ""
-        _fail(
+        fail(
             attribute,
-            f"a float rank is a fraction of the layer's output channels and must be in (0, 1], got {value!r}{hint}",
+            f"a float rank is a fraction of the layer's output channels and must be {_FLOAT_RANK}, got {value!r}{hint}",
         )
-
-
-def _check_alpha(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        _fail(attribute, f"must be greater than 0 (scale = alpha / rank), got {value!r}")
-
-
-def _check_dropout(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        _fail(attribute, f"must be in [0, 1), got {value!r}")
 
 
 def _check_layers(inst: Any, attribute: attrs.Attribute, value: List[str]) -> None:
     if not value:
-        _fail(attribute, "list at least one layer name or 're:' pattern")
+        fail(attribute, "list at least one layer name or 're:' pattern")
     for pattern in value:
         if not isinstance(pattern, str) or not pattern:
-            _fail(attribute, f"layer patterns must be non-empty strings, got {pattern!r}")
+            fail(attribute, f"layer patterns must be non-empty strings, got {pattern!r}")
         try:
             compile_pattern(pattern)
         except ValueError as exc:
-            _fail(attribute, str(exc))
+            fail(attribute, str(exc))
 
 
 def _check_init_from(inst: Any, attribute: attrs.Attribute, value: Optional[str]) -> None:
     if value is not None and not value.endswith(".safetensors"):
-        _fail(attribute, f"must be a .safetensors LoRA file, got {value!r}")
+        fail(attribute, f"must be a .safetensors LoRA file, got {value!r}")
 
 
 @attrs.define
@@ -75,12 +64,13 @@ class LoraGroupConfig:
     #: Layer names from ``model.named_modules()`` or ``re:`` patterns; a container means every
     #: nn.Linear and nn.Conv2d inside it.
     layers: List[str] = attrs.field(validator=_check_layers)
-    lr: float = attrs.field(default=1e-4, validator=_check_lr)
+    lr: float = attrs.field(default=1e-4, validator=at_least(0))
     #: An int is the rank; a float in (0, 1] is a fraction of each layer's output channels
     #: (``max(1, round(out * rank))``).
     rank: Union[int, float] = attrs.field(default=4, validator=_check_rank)
-    alpha: float = attrs.field(default=1.0, validator=_check_alpha)
-    dropout: float = attrs.field(default=0.0, validator=_check_dropout)
+    #: Output scale = alpha / rank.
+    alpha: float = attrs.field(default=1.0, validator=in_range(0, MAX_ALPHA, low_open=True))
+    dropout: float = attrs.field(default=0.0, validator=in_range(0, 1, high_open=True))
     #: Start from the host weight's top singular vectors (the host keeps the rest, so the
     #: model's output at step 0 is unchanged).
     svd_init: bool = False
@@ -94,6 +84,6 @@ class LoraOptions:
     """The ``[lora]`` table: how LoRA files are written (one setting per run, not per group)."""
 
     #: "kohya" (webui/ComfyUI/diffusers keys) or "peft" (diffusers' own PEFT layout).
-    format: str = attrs.field(default="kohya", validator=attrs.validators.in_(EXPORT_FORMATS))
+    format: str = attrs.field(default="kohya", validator=one_of(EXPORT_FORMATS))
     #: Tensor type of the exported file.
-    save_dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(SAVE_DTYPES))
+    save_dtype: str = attrs.field(default="float32", validator=one_of(SAVE_DTYPES))

@@ -5,15 +5,7 @@ from typing import Any, List
 
 import attrs
 
-
-def _positive(inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"must be greater than 0, got {value!r}", attribute)
-
-
-def _not_blank(inst: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not value.strip():
-        raise ValueError("must not be empty", attribute)
+from hcp_core.config.validators import greater_than, not_blank
 
 
 def _distinct_names(inst: Any, attribute: attrs.Attribute, value: List["TrainedWord"]) -> None:
@@ -28,8 +20,8 @@ def _distinct_names(inst: Any, attribute: attrs.Attribute, value: List["TrainedW
 class TrainedWord:
     """One trained custom word: ``{ name = "my-cat", lr = 0.003 }``; its own optimizer group."""
 
-    name: str = attrs.field(validator=_not_blank)
-    lr: float = attrs.field(default=3e-3, validator=_positive)
+    name: str = attrs.field(validator=not_blank)
+    lr: float = attrs.field(default=3e-3, validator=greater_than(0))
 
 
 @attrs.define
@@ -37,7 +29,7 @@ class PromptTuningConfig:
     """Custom words from emb_dir, usable by name in prompts; train = [{ name, lr }] trains some of them."""
 
     #: Folder of custom-word files (.pt / .safetensors); relative to the working directory.
-    emb_dir: str = attrs.field(default="embs", validator=_not_blank)
+    emb_dir: str = attrs.field(default="embs", validator=not_blank)
     #: After training, write the trained vectors back into the words' files in emb_dir.
     replace: bool = False
     train: List[TrainedWord] = attrs.field(factory=list, validator=_distinct_names)

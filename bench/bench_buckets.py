@@ -88,7 +88,7 @@ def run_one(n: int, workdir: Path) -> dict:
     pipeline = build_pipeline(raw)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    prepared = prepare_dataset("ds", pipeline.data["ds"], base_dir=".", seed=0)
+    prepared = prepare_dataset("ds", pipeline.data["ds"], registry=pipeline.registry, base_dir=".", seed=0)
     seconds = time.perf_counter() - start
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {

@@ -167,6 +167,36 @@ class AdapterContext:
     extra: Mapping[str, Any] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class FileHeader:
+    """What hcp read of a file an adapter may own (``hcp generate --lora FILE``), without its tensors.
+
+    For a ``.safetensors`` file: its ``__metadata__`` strings and its tensor names; for any other
+    file (or an unreadable one) both are empty and ``safetensors`` is False.
+    """
+
+    path: str
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+    keys: Tuple[str, ...] = ()
+    safetensors: bool = False
+
+
+class AdapterFiles(Protocol):
+    """Built by an adapter's ``files`` factory: ``files() -> AdapterFiles`` (``registry.add(..., files="module:attr")``).
+
+    What lets ``hcp generate --lora`` and ``hcp tools merge-lora`` use files this adapter writes.
+    """
+
+    def reads(self, header: FileHeader) -> bool:
+        """Whether this adapter can apply the file; decide from the header alone, cheaply (no torch)."""
+        ...
+
+    def apply(self, models: "ModelBundle", path: str, weight: float) -> int:
+        """Merge the file into ``models``' weights (float32 maths), scaled by ``weight``; return
+        how many layers changed. Raise a ``UserError`` naming the file when it does not fit."""
+        ...
+
+
 class Adapter(Protocol):
     """Built by ``factory(sections, *, context: AdapterContext) -> Adapter``.
 

@@ -2,11 +2,14 @@
 
 A component is a name, a light attrs config class and a factory given as ``"module:attr"``; the
 factory's module (which may import torch) is imported only when the component is built.
+
+Components that ``HCP_BLOCK_PLUGINS`` blocks are kept aside (never built, never listed as known)
+so that asking for one says which plugin provides it and that it is blocked.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import attrs
 
@@ -41,19 +44,37 @@ class Component:
     #: e.g. ``("lora", LoraOptions)`` for ``[lora]``; its structured value reaches the factory
     #: as ``options=`` (defaults when the table is absent).
     options: Optional[tuple[str, type]] = None
+    #: Adapters only: ``"module:attr"`` of a zero-argument factory returning an
+    #: :class:`~hcp_core.interfaces.AdapterFiles` (which files this adapter reads, and how to merge
+    #: one into a model). ``hcp generate --lora`` and ``hcp tools merge-lora`` find files through it.
+    files: Optional[str] = None
+    #: The ``HCP_BLOCK_PLUGINS`` entry that blocks this component ("plugin" or "plugin:name"), or None.
+    blocked_by: Optional[str] = None
 
     def load(self) -> Callable[..., Any]:
         """Import and return the factory (the import happens here, not at registration)."""
-        module_name, _, attr = self.factory.partition(":")
-        module = importlib.import_module(module_name)
-        obj: Any = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _import_attr(self.factory)
+
+    def load_files(self) -> Any:
+        """The adapter's :class:`~hcp_core.interfaces.AdapterFiles` (imports its module now), or None."""
+        return _import_attr(self.files)() if self.files else None
 
     def build(self, config: Any, **context: Any) -> Any:
         """Call the factory with the structured config and any context the caller provides."""
         return self.load()(config, **context)
+
+
+def _import_attr(ref: str) -> Any:
+    module_name, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_ref(family: str, name: str, what: str, ref: str) -> None:
+    if not isinstance(ref, str) or ":" not in ref:
+        raise TypeError(f"{family} component '{name}': {what} must be 'module:attr', got {ref!r}")
 
 
 class FamilyRegistry:
@@ -62,8 +83,15 @@ class FamilyRegistry:
     def __init__(self, family: str) -> None:
         self.family = family
         self._components: Dict[str, Component] = {}
+        #: Components registered but blocked by ``HCP_BLOCK_PLUGINS`` (by plugin or by name).
+        self._blocked: Dict[str, Component] = {}
         # Set by the plugin manager while one plugin's hook runs, so duplicates name both owners.
         self._owner: tuple[str, Optional[str]] = ("<direct>", None)
+        # Set by the plugin manager: the HCP_BLOCK_PLUGINS entry blocking (plugin, name), or None.
+        self._is_blocked: Callable[[str, str], Optional[str]] = lambda plugin, name: None
+        # Set by the plugin manager: the components of plugins blocked as a whole, found only
+        # when a lookup fails (a blocked plugin is not imported at start-up).
+        self._blocked_elsewhere: Callable[[], "FamilyRegistry | None"] = lambda: None
 
     def add(
         self,
@@ -74,13 +102,24 @@ class FamilyRegistry:
         doc: Optional[str] = None,
         sections: Optional[Mapping[str, str]] = None,
         options: Optional[tuple[str, type]] = None,
+        files: Optional[str] = None,
     ) -> Component:
-        """Register component ``name`` with its attrs ``config`` class and ``"module:attr"`` factory."""
+        """Register component ``name`` with its attrs ``config`` class and ``"module:attr"`` factory.
+
+        ``sections``, ``options`` and ``files`` are for adapters only (see :class:`Component`).
+        """
         if not attrs.has(config):
             raise TypeError(f"{self.family} component '{name}': config must be an attrs class, got {config!r}")
-        if ":" not in factory:
-            raise TypeError(f"{self.family} component '{name}': factory must be 'module:attr', got {factory!r}")
+        _check_ref(self.family, name, "factory", factory)
+        if (sections or options or files) and self.family != "adapters":
+            raise TypeError(f"{self.family} component '{name}': sections, options and files are for adapters only")
+        if files is not None:
+            _check_ref(self.family, name, "files", files)
         plugin, dist = self._owner
+        entry = self._is_blocked(plugin, name)
+        if entry:  # kept aside: never conflicts, never built
+            comp = attrs.evolve(self._make(name, config, factory, doc, sections, options, files), blocked_by=entry)
+            return self._blocked.setdefault(name, comp)
         if name in self._components:
             other = self._components[name]
             raise PluginConflictError(
@@ -88,7 +127,13 @@ class FamilyRegistry:
                 f"{_from(other.distribution)} and by plugin '{plugin}'{_from(dist)}. "
                 f"Uninstall one of them or block one with HCP_BLOCK_PLUGINS."
             )
-        comp = Component(
+        comp = self._make(name, config, factory, doc, sections, options, files)
+        self._components[name] = comp
+        return comp
+
+    def _make(self, name, config, factory, doc, sections, options, files) -> Component:  # type: ignore[no-untyped-def]
+        plugin, dist = self._owner
+        return Component(
             family=self.family,
             name=name,
             config=config,
@@ -98,21 +143,47 @@ class FamilyRegistry:
             doc=(doc if doc is not None else (config.__doc__ or "")).strip(),
             sections=dict(sections or {}),
             options=options,
+            files=files,
         )
-        self._components[name] = comp
-        return comp
 
     def get(self, name: str) -> Component:
-        """The component called ``name``; an unknown name lists what exists with a did-you-mean."""
+        """The component called ``name``; an unknown name lists what exists with a did-you-mean,
+        and a blocked one names the plugin that provides it."""
         try:
             return self._components[name]
         except KeyError:
             pass
+        blocked = self.find_blocked(name)
+        if blocked is not None:
+            raise UnknownComponentError(f"{describe_blocked(blocked)}; remove that entry from HCP_BLOCK_PLUGINS to use it.")
         known = ", ".join(sorted(self._components)) or "none"
         raise UnknownComponentError(
             f"unknown {FAMILY_NOUNS[self.family]} '{name}'.{did_you_mean(name, self._components)}"
             f" Known {self.family.replace('_', ' ')}: {known}."
         )
+
+    def blocked(self) -> List[Component]:
+        """Components of loaded plugins that ``HCP_BLOCK_PLUGINS`` blocks by name, sorted."""
+        return sorted(self._blocked.values(), key=lambda c: c.name)
+
+    def find_blocked(self, name: str) -> Optional[Component]:
+        """The blocked component called ``name`` (blocked by name, or of a blocked plugin), if any.
+
+        Looking in blocked plugins imports them (their registration modules only); it happens
+        only here, when a lookup has already failed.
+        """
+        if name in self._blocked:
+            return self._blocked[name]
+        elsewhere = self._blocked_elsewhere()
+        if elsewhere is not None and name in elsewhere._blocked:
+            return elsewhere._blocked[name]
+        return None
+
+    def all_blocked(self) -> List[Component]:
+        """Every blocked component: blocked by name, and those of blocked plugins (imports them)."""
+        elsewhere = self._blocked_elsewhere()
+        more = elsewhere.blocked() if elsewhere is not None else []
+        return self.blocked() + sorted(more, key=lambda c: (c.plugin, c.name))
 
     def __contains__(self, name: object) -> bool:
         return name in self._components
@@ -129,6 +200,14 @@ def _from(dist: Optional[str]) -> str:
     return f" (from distribution {dist})" if dist else ""
 
 
+def describe_blocked(comp: Component) -> str:
+    """``loss 'mse' is provided by plugin 'p', which is blocked by HCP_BLOCK_PLUGINS ('p')``."""
+    noun, owner = FAMILY_NOUNS[comp.family], f"plugin '{comp.plugin}'{_from(comp.distribution)}"
+    if comp.blocked_by == comp.plugin:
+        return f"{noun} '{comp.name}' is provided by {owner}, which is blocked by HCP_BLOCK_PLUGINS ('{comp.plugin}')"
+    return f"{noun} '{comp.name}' of {owner} is blocked by HCP_BLOCK_PLUGINS ('{comp.blocked_by}')"
+
+
 class Registry:
     """All five families; built once at start-up by :func:`hcp_core.plugins.get_registry`."""
 
@@ -138,6 +217,10 @@ class Registry:
         self.failures: list[tuple[str, Optional[str], str]] = []
         #: Loaded plugins: name -> (distribution, version, module name).
         self.plugins: Dict[str, tuple[Optional[str], Optional[str], str]] = {}
+        #: Plugins blocked by HCP_BLOCK_PLUGINS (not imported): name -> (distribution, module name).
+        self.blocked_plugins: Dict[str, tuple[Optional[str], str]] = {}
+        #: ``PLUGIN:COMPONENT`` entries of HCP_BLOCK_PLUGINS, as (plugin, component) pairs.
+        self.blocked_components: set[tuple[str, str]] = set()
 
     @property
     def data_sources(self) -> FamilyRegistry:
@@ -175,6 +258,14 @@ class Registry:
                     )
                 out[section] = (comp, target)
         return out
+
+    def blocked_adapter_section(self, section: str) -> Optional[Component]:
+        """The blocked adapter that would own pipeline ``section``, for messages (imports blocked plugins)."""
+        return next((c for c in self.adapters.all_blocked() if section in c.sections), None)
+
+    def file_adapters(self) -> List[Component]:
+        """Adapters that declared file capabilities (``files=`` on registration), by name."""
+        return [comp for comp in self.adapters if comp.files]
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -25,12 +26,12 @@ HCP_SCRIPT = Path(sys.executable).parent / "hcp"
 
 
 @pytest.fixture
-def registry(monkeypatch) -> Registry:
+def registry(monkeypatch) -> Iterator[Registry]:
     """The process-wide registry, with the test plugin, for commands run in this process."""
     monkeypatch.delenv(plugins.BLOCK_ENV, raising=False)
     reg = plugins.build_registry(extra_plugins=[core_components])
-    monkeypatch.setattr(plugins, "_REGISTRY", reg)
-    return reg
+    with plugins.using_registry(reg):
+        yield reg
 
 
 @pytest.fixture
@@ -138,9 +139,12 @@ def test_a_plugin_conflict_at_start_up_is_a_user_error(capsys, monkeypatch) -> N
             registry.add("test_square", config=core_components.SquareConfig, factory="elsewhere:Square")
 
     build = plugins.build_registry
-    monkeypatch.setattr(plugins, "_REGISTRY", None)
+    plugins.reset_registry()  # the command builds the registry itself, where the conflict surfaces
     monkeypatch.setattr(plugins, "build_registry", lambda: build(extra_plugins=[core_components, Duplicate]))
-    rc, _, err = run_cli(capsys, "plugins")
+    try:
+        rc, _, err = run_cli(capsys, "plugins")
+    finally:
+        plugins.reset_registry()
     assert rc == 2
     assert err.startswith("hcp: error: bucket 'test_square' is registered twice: by plugin ")
     assert "'Duplicate'" in err and "'core_components'" in err and "Traceback" not in err

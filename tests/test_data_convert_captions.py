@@ -39,10 +39,10 @@ def test_loader_picks_up_the_converted_file(folder, tmp_path):
         txt.unlink()  # only the JSON is left
     raw = {"model": {"pretrained": "x"}, "data": {"ds": {"bucket": {"type": "fixed"}, "sources": [{"type": "image_folder", "img_root": "data", "recursive": True}]}}}
     p = build_pipeline(raw, base_dir=str(tmp_path))
-    prepared = prepare_dataset("ds", p.data["ds"], base_dir=p.base_dir)
+    prepared = prepare_dataset("ds", p.data["ds"], registry=p.registry, base_dir=p.base_dir)
     captions = {r.image.split("data/")[1]: r.caption for r in prepared.records}
     assert captions == {"a.png": "a cat", "b.jpg": "a dog, sofa", "sub/c.png": "line one line two", "nocap.webp": None}
-    assert [str(x) for x in prepared.problems] == [f"{folder / 'nocap.webp'}: image has no caption (no .txt beside it, no caption-file entry) (trained with an empty {{caption}})"]
+    assert [str(x) for x in prepared.problems] == [f"{folder / 'nocap.webp'}: image has no caption (trained with an empty {{caption}})"]
 
 
 def test_main_and_out_option(folder, tmp_path, capsys):

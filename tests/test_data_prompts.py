@@ -9,20 +9,27 @@ from PIL import Image
 
 from hcp_core.config.convert import make_converter, structure
 from hcp_core.config.schema import DatasetConfig
+from hcp_core.data.prepare import prepare_dataset
 from hcp_core.data.prompts import TemplateFill, build_prompt, render
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import ImageRecord, PromptParts, SourceContext
-from hcp_core.plugins import get_registry
+from hcp_core.plugins import build_registry
+
+REGISTRY = build_registry()
+
+
+def dataset_config(**table) -> DatasetConfig:
+    conv = make_converter(REGISTRY)
+    return structure(conv, {"sources": [{"type": "image_folder", **table}], "bucket": {"type": "fixed"}}, DatasetConfig)
 
 
 def build_source(tmp_path, **table):
-    conv = make_converter(get_registry())
-    cfg = structure(conv, {"sources": [{"type": "image_folder", **table}], "bucket": {"type": "fixed"}}, DatasetConfig)
-    return cfg.sources[0].build(context=SourceContext(registry=get_registry(), base_dir=str(tmp_path), dataset="ds"))
+    cfg = dataset_config(**table)
+    return cfg.sources[0].build(context=SourceContext(registry=REGISTRY, base_dir=str(tmp_path), dataset="ds"))
 
 
 def transform(table):
-    conv = make_converter(get_registry())
+    conv = make_converter(REGISTRY)
     cfg = structure(conv, {"sources": [{"type": "image_folder", "img_root": ".", "text_transforms": [table]}],
                            "bucket": {"type": "fixed"}}, DatasetConfig)
     return cfg.sources[0].config.text_transforms[0].build()
@@ -100,8 +107,9 @@ def test_transforms_run_in_order_and_source_words_fill_the_rest(folder):
 
 
 def test_unfilled_placeholder_is_a_config_error(folder):
-    with pytest.raises(ConfigError, match=r"prompt template 'a \{pt1\} on \{pt9\}, \{caption\}' has \{pt9\} but no word_names entry fills it"):
-        build_source(folder, img_root=".", prompt_template="a {pt1} on {pt9}, {caption}", word_names={"pt1": "x"})
+    cfg = dataset_config(img_root=".", prompt_template="a {pt1} on {pt9}, {caption}", word_names={"pt1": "x"})
+    with pytest.raises(ConfigError, match=r"data\.ds\.sources\[0\] \(image_folder\): prompt template 'a \{pt1\} on \{pt9\}, \{caption\}' has \{pt9\} but no word_names entry fills it"):
+        prepare_dataset("ds", cfg, registry=REGISTRY, base_dir=str(folder))
 
 
 def test_missing_template_file_is_named(folder):

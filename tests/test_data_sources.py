@@ -12,7 +12,7 @@ from PIL import Image
 
 from hcp_core.config import build_pipeline
 from hcp_core.data.prepare import prepare_dataset
-from hcp_core.data.report import check_pipeline
+from hcp_core.train.preflight import check_pipeline
 from hcp_core.errors import DataError
 
 
@@ -25,7 +25,7 @@ def pipeline(tmp_path, source, bucket=None, **dataset):
 
 
 def prepare(p, **kw):
-    return prepare_dataset("ds", p.data["ds"], base_dir=p.base_dir, seed=p.seed, **kw)
+    return prepare_dataset("ds", p.data["ds"], registry=p.registry, base_dir=p.base_dir, seed=p.seed, **kw)
 
 
 def save(im, path, **kw):
@@ -123,14 +123,14 @@ def test_verify_finds_truncated_files(messy):
 def test_hcp_check_lists_every_problem_by_path_and_the_bucket_table(messy):
     p = pipeline(messy, {"img_root": "imgs", "att_mask": "masks", "recursive": True}, {"type": "ratio", "from": "images", "num_buckets": 2, "target_area": 4096, "step": 16})
     out = io.StringIO()
-    assert check_pipeline(p, out=out) is True
+    assert check_pipeline(p, out=out, check_model_layers=False) is True
     text = out.getvalue()
     for rel in list(EXPECTED_PROBLEMS) + ["imgs/trunc.png"]:
         assert str(messy / rel) in text, rel
     assert "size (WxH)" in text and "mean aspect error" in text
     assert "data.ds: 11 images" in text
     strict = io.StringIO()
-    assert check_pipeline(p, out=strict, strict=True) is False
+    assert check_pipeline(p, out=strict, strict=True, check_model_layers=False) is False
 
 
 def test_caption_file_json_keys_by_path_name_or_stem(tmp_path):
@@ -195,3 +195,45 @@ def test_check_reports_empty_dataset_problems(tmp_path):
     out = io.StringIO()
     assert check_pipeline(pipeline(tmp_path, {"img_root": "bad"}), out=out) is False
     assert "ERROR: no usable images" in out.getvalue() and str(tmp_path / "bad" / "x.png") in out.getvalue()
+
+
+# --------------------------------------------------------------------------- checks every source gets
+def outside_pipeline(tmp_path, template):
+    """A dataset whose only source comes from a plugin outside the tree (core_components' listing)."""
+    import core_components
+    from hcp_core.plugins import build_registry
+
+    (tmp_path / "list.txt").write_text("a.png 64 48\nb.png 64 48 a red cube\n")
+    raw = {"model": {"pretrained": "unused"},
+           "data": {"ds": {"sources": [{"type": "test_listing", "listing": "list.txt", "prompt_template": template}],
+                           "bucket": {"type": "fixed", "target_size": [32, 32]}}}}  # fmt: skip
+    return build_pipeline(raw, build_registry(extra_plugins=[core_components]), base_dir=str(tmp_path))
+
+
+def test_an_outside_sources_unfilled_placeholder_is_an_error_as_for_image_folder(tmp_path):
+    from hcp_core.errors import ConfigError
+
+    p = outside_pipeline(tmp_path, "a photo of {pt1}, {caption}")
+    with pytest.raises(ConfigError, match=r"data\.ds\.sources\[0\] \(test_listing\): prompt template 'a photo of \{pt1\}, \{caption\}' has \{pt1\}"):
+        prepare(p)
+
+
+def test_an_outside_sources_missing_captions_are_reported_as_for_image_folder(tmp_path):
+    prepared = prepare(outside_pipeline(tmp_path, "a photo of {caption}"))
+    assert [str(x) for x in prepared.problems] == [f"{tmp_path / 'a.png'}: image has no caption (trained with an empty {{caption}})"]
+    assert [r.caption for r in prepared.records] == [None, "a red cube"]
+
+
+def test_records_masks_are_checked_in_the_core(tmp_path):
+    from hcp_core.data.prepare import check_records
+    from hcp_core.interfaces import ImageRecord
+
+    save(Image.new("L", (32, 24), 255), tmp_path / "half.png")
+    save(Image.new("L", (48, 48), 255), tmp_path / "square.png")
+    records = [ImageRecord(str(tmp_path / f"{n}.png"), (64, 48), "c", str(tmp_path / f"{m}.png")) for n, m in
+               [("a", "half"), ("b", "square"), ("c", "missing")]]  # fmt: skip
+    kept, problems = check_records(records, "data.ds.sources[0] (x)")
+    assert [r.mask for r in kept] == [str(tmp_path / "half.png"), None, None]
+    assert [(p.path.rsplit("/", 1)[1], p.action) for p in problems] == [
+        ("half.png", "mask stretched to the image size"), ("square.png", "mask ignored: weight 1 everywhere"),
+        ("missing.png", "mask ignored: weight 1 everywhere")]

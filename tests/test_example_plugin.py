@@ -284,7 +284,10 @@ def test_a_blocked_plugin_is_not_loaded(example_plugin_env, tmp_path) -> None:
     assert listed.returncode == 0 and "hcp-plugin-example" not in listed.stdout
     write(tmp_path / "pipe.toml", EXAMPLE_PIPELINE)
     done = hcp("config", "pipe.toml", env=env, cwd=tmp_path)
-    assert done.returncode == 2 and "unknown bucket 'multiple_of'" in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ("bucket 'multiple_of' is provided by plugin 'example' (from distribution hcp-plugin-example), "
+            "which is blocked by HCP_BLOCK_PLUGINS ('example')") in done.stderr
+    assert "example: blocked by HCP_BLOCK_PLUGINS" in listed.stdout.splitlines()
 
 
 BROKEN_PYPROJECT = """\

@@ -128,3 +128,53 @@ def test_every_runtime_interface_is_documented_in_contributing() -> None:
     assert names
     missing = [n for n in names if not re.search(rf"`{n}[`(]", text)]
     assert not missing, f"CONTRIBUTING.md does not describe: {missing}"
+
+
+def test_every_argument_of_registry_add_is_documented_in_contributing() -> None:
+    from hcp_core.registry import FamilyRegistry
+
+    text = CONTRIBUTING.read_text(encoding="utf-8")
+    arguments = [p for p in inspect.signature(FamilyRegistry.add).parameters if p != "self"]
+    missing = [a for a in arguments if not re.search(rf"^\| `{a}` +\|", text, re.M)]
+    assert not missing, f"CONTRIBUTING.md's registry.add table lacks: {missing}"
+    assert f"registry.add(name, *, {', '.join(a if a in ('config', 'factory') else a + '=None' for a in arguments[1:])})" in text
+
+
+def test_optional_adapter_members_are_documented_in_contributing() -> None:
+    """The Adapter protocol's docstring names its optional members; CONTRIBUTING.md describes each."""
+    text = CONTRIBUTING.read_text(encoding="utf-8")
+    optional = re.findall(r"``(\w+)", (inspect.getdoc(interfaces.Adapter) or "").split("Optional members:")[1])
+    assert {"attach_order", "wrap_prompt_encoder"} <= set(optional)
+    missing = [m for m in optional if m in ("attach_order", "wrap_prompt_encoder") and f"optional `{m}" not in text]
+    assert not missing, f"CONTRIBUTING.md does not describe the optional adapter members {missing}"
+
+
+def test_adapter_file_capabilities_are_exercised_by_a_temporary_plugin(tmp_path) -> None:
+    """``files=`` reaches the component and ``hcp_core.adapter_files`` finds the adapter through it."""
+    from safetensors.torch import save_file
+    import torch
+
+    from hcp_core.adapter_files import find_file_adapter
+
+    @hookimpl
+    def register(registry) -> None:
+        registry.add("meta_files", config=MetaConfig, factory="test_hookspecs_meta:MetaConfig",
+                     sections={"meta_section": "unet"}, files="test_hookspecs_meta:MetaFiles")  # fmt: skip
+
+    plugin = types.ModuleType("meta_files_plugin")
+    plugin.hcp_register_adapters = register
+    registry = build_registry(extra_plugins=[plugin])
+    assert registry.adapters.get("meta_files").files == "test_hookspecs_meta:MetaFiles"
+    save_file({"meta.weight": torch.zeros(1)}, str(tmp_path / "m.safetensors"))
+    found = find_file_adapter(registry, tmp_path / "m.safetensors")
+    assert found.component.name == "meta_files" and found.apply({}, str(tmp_path / "m.safetensors"), 2.0) == 2
+
+
+class MetaFiles:
+    """Reads files whose tensors are all called ``meta.*``; 'applies' by returning twice the weight."""
+
+    def reads(self, header: interfaces.FileHeader) -> bool:
+        return bool(header.keys) and all(k.startswith("meta.") for k in header.keys)
+
+    def apply(self, models: Any, path: str, weight: float) -> int:
+        return int(weight)

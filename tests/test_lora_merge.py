@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from hcp_core.errors import UserError
 from hcp_core.models.loading import load_models
-from hcp_core.tools.merge_lora import main, merge_lora, parse_lora_arg
+from hcp_core.generation.params import LoraSpec, parse_lora_spec
+from hcp_core.tools.merge_lora import main, merge_lora
 
 from lora_support import fixed_inputs, outputs, trained_bundle
 
@@ -87,10 +88,11 @@ def test_single_file_has_the_original_layout_and_round_trips_through_diffusers(m
 
 
 def test_command_line_errors(merged, demo_model_dir, tmp_path):
-    assert parse_lora_arg("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
-    assert parse_lora_arg("C:\\x\\b.safetensors") == ("C:\\x\\b.safetensors", 1.0)
+    # merge-lora and generate share one FILE[:WEIGHT] parser
+    assert parse_lora_spec("a/b.safetensors:0.7") == LoraSpec("a/b.safetensors", 0.7)
+    assert parse_lora_spec("C:\\x\\b.safetensors") == LoraSpec("C:\\x\\b.safetensors", 1.0)
     with pytest.raises(UserError, match="must be a number"):
-        parse_lora_arg("b.safetensors:strong")
+        parse_lora_spec("b.safetensors:strong")
     with pytest.raises(UserError, match="exists and is not empty"):
         merge_lora(demo_model_dir, [(merged["lora"], 1.0)], merged["dir"])
     with pytest.raises(UserError, match="not a diffusers model folder"):

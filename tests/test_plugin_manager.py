@@ -13,7 +13,16 @@ import core_components
 from hcp_core import plugins
 from hcp_core.errors import PluginConflictError, UnknownComponentError
 from hcp_core.hookspecs import hookimpl
-from hcp_core.plugins import BUILTINS, build_registry, get_registry, report_failures, reset_registry
+from hcp_core.plugins import build_registry, get_registry, parse_block_list, plugin_listing, report_failures, reset_registry, using_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared_builtins() -> dict:
+    """The built-in plugins as hcp's pyproject.toml declares them (the one list of them)."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["entry-points"]["hcp"]
 
 
 @attrs.define
@@ -37,7 +46,7 @@ def site(tmp_path: Path, monkeypatch) -> Path:
 
 def test_builtins_load_through_their_entry_points_with_distribution_and_version() -> None:
     reg = build_registry()
-    for name, module in BUILTINS.items():
+    for name, module in declared_builtins().items():
         dist, version, loaded = reg.plugins[name]
         assert (dist, loaded) == ("hcp", module)
         assert version == importlib.metadata.version("hcp")
@@ -46,11 +55,32 @@ def test_builtins_load_through_their_entry_points_with_distribution_and_version(
     assert (mse.plugin, mse.distribution, mse.factory) == ("losses", "hcp", "hcp_plugins.losses.mse:MseLoss")
 
 
-def test_builtins_are_registered_directly_when_no_metadata_is_installed(monkeypatch) -> None:
+def test_builtins_come_only_from_entry_points(monkeypatch) -> None:
+    """The core names no built-in: without entry points there are no components at all."""
     monkeypatch.setattr(plugins.md, "entry_points", lambda **kw: [])
     reg = build_registry()
-    assert sorted(reg.plugins) == sorted(BUILTINS)
-    assert reg.losses.get("mse").plugin == "losses"
+    assert reg.plugins == {} and all(reg.families[f].names() == [] for f in reg.families)
+
+
+def test_an_installed_plugin_passed_as_extra_is_loaded_once() -> None:
+    """The documented test recipe works while the plugin is also installed (editable installs)."""
+    import hcp_plugins.losses
+
+    reg = build_registry(extra_plugins=[hcp_plugins.losses, core_components])
+    assert reg.failures == []
+    assert reg.losses.get("mse").plugin == "losses"  # its entry-point name, from the first registration
+    assert "hcp_plugins.losses" not in reg.plugins
+
+
+def test_a_misspelt_hook_of_an_extra_plugin_is_reported() -> None:
+    class Misspelt:
+        @staticmethod
+        @hookimpl
+        def hcp_register_bucket(registry) -> None:
+            raise AssertionError("never called")
+
+    reg = build_registry(extra_plugins=[Misspelt])
+    assert reg.failures == [("Misspelt", None, "unknown hook 'hcp_register_bucket'. Did you mean 'hcp_register_buckets'? (it is never called)")]
 
 
 def test_a_module_named_by_two_entry_points_registers_once(site: Path) -> None:
@@ -133,8 +163,9 @@ def test_blocked_plugins_are_not_loaded(site: Path, monkeypatch) -> None:
     assert "hcp_pm_test_broken" not in sys.modules
     assert not {"broken", "losses", "core_components"} & set(reg.plugins)
     assert reg.losses.names() == [] and "test_square" not in reg.buckets
-    with pytest.raises(UnknownComponentError, match=r"unknown loss 'mse'\. Known losses: none\."):
-        reg.losses.get("mse")
+    with pytest.raises(UnknownComponentError, match=r"^loss 'mse' is provided by plugin 'losses' \(from distribution hcp\), which is blocked"):
+        reg.losses.get("mse")  # only a failed lookup looks into blocked plugins (a broken one is ignored)
+    assert reg.failures == []
 
 
 class Duplicate:
@@ -172,10 +203,72 @@ def test_blocking_one_of_two_conflicting_plugins_resolves_the_conflict(monkeypat
     assert reg.losses.get("mse").factory == "somewhere:Mse"
 
 
-def test_get_registry_is_built_once_until_reset(monkeypatch) -> None:
-    monkeypatch.setattr(plugins, "_REGISTRY", None)
+def test_get_registry_is_built_once_until_reset() -> None:
+    reset_registry()
     first = get_registry()
     assert get_registry() is first
     reset_registry()
     second = get_registry()
     assert second is not first and second.losses.names() == first.losses.names()
+    reset_registry()
+
+
+def test_using_registry_sets_the_process_wide_one_for_a_block() -> None:
+    mine = build_registry(extra_plugins=[core_components])
+    before = get_registry()
+    with using_registry(mine):
+        assert get_registry() is mine
+    assert get_registry() is before
+
+
+def test_block_list_syntax() -> None:
+    blocks = parse_block_list(" adapters, losses:mse ,, my_plugin : my_bucket")
+    assert blocks.plugins == {"adapters"}
+    assert blocks.components == {("losses", "mse"), ("my_plugin", "my_bucket")}
+    assert blocks.entry_for("adapters", "lora") == "adapters"
+    assert blocks.entry_for("losses", "mse") == "losses:mse"
+    assert blocks.entry_for("losses", "masked_mse") is None
+
+
+def test_a_blocked_component_is_kept_aside_and_named_when_asked_for(monkeypatch) -> None:
+    monkeypatch.setenv(plugins.BLOCK_ENV, "losses:mse")
+    reg = build_registry()
+    assert reg.losses.names() == ["masked_mse"] and [c.name for c in reg.losses.blocked()] == ["mse"]
+    with pytest.raises(UnknownComponentError) as err:
+        reg.losses.get("mse")
+    assert str(err.value) == (
+        "loss 'mse' of plugin 'losses' (from distribution hcp) is blocked by HCP_BLOCK_PLUGINS ('losses:mse'); "
+        "remove that entry from HCP_BLOCK_PLUGINS to use it."
+    )
+
+
+def test_blocking_one_component_resolves_a_conflict(monkeypatch) -> None:
+    monkeypatch.setenv(plugins.BLOCK_ENV, "Duplicate:mse")
+    reg = build_registry(extra_plugins=[Duplicate])
+    assert reg.losses.get("mse").plugin == "losses"
+
+
+def test_a_component_of_a_blocked_plugin_is_named_with_its_plugin(site: Path, monkeypatch) -> None:
+    monkeypatch.setenv(plugins.BLOCK_ENV, "core_components")
+    reg = build_registry(extra_plugins=[core_components])
+    assert "test_square" not in reg.buckets
+    with pytest.raises(UnknownComponentError) as err:
+        reg.buckets.get("test_square")
+    assert str(err.value) == (
+        "bucket 'test_square' is provided by plugin 'core_components', which is blocked by HCP_BLOCK_PLUGINS "
+        "('core_components'); remove that entry from HCP_BLOCK_PLUGINS to use it."
+    )
+    with pytest.raises(UnknownComponentError, match=r"unknown bucket 'no_such'\."):
+        reg.buckets.get("no_such")
+
+
+def test_plugin_listing_shows_blocked_plugins_and_components(site: Path, monkeypatch) -> None:
+    core_components.write(site / "hcp_pm_test_broken.py", "raise ImportError('needs libfoo')\n")
+    core_components.fake_distribution(site, "hcp-broken-plugin", {"broken": "hcp_pm_test_broken"})
+    monkeypatch.setenv(plugins.BLOCK_ENV, "broken,losses:mse,losses:typo")
+    lines = plugin_listing(build_registry())
+    version = importlib.metadata.version("hcp")
+    at = lines.index(f"losses (hcp {version}) [hcp_plugins.losses]")
+    assert lines[at + 1 : at + 3] == ["  losses: masked_mse", "  losses (blocked): mse"]
+    assert lines[-2:] == ["broken: blocked by HCP_BLOCK_PLUGINS", "losses:typo: blocked by HCP_BLOCK_PLUGINS, but no plugin registers it"]
+    assert "hcp_pm_test_broken" not in sys.modules

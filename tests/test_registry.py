@@ -190,3 +190,25 @@ def test_did_you_mean() -> None:
     assert did_you_mean("batch_sise", ["batch_size", "bucket"]) == " Did you mean 'batch_size'?"
     assert did_you_mean("xyz", ["batch_size"]) == ""
     assert did_you_mean("a", []) == ""
+
+
+def test_files_is_an_adapter_only_module_attr_loaded_on_demand(tmp_path, monkeypatch) -> None:
+    adapters, losses = FamilyRegistry("adapters"), FamilyRegistry("losses")
+    with pytest.raises(TypeError, match="adapters component 'a': files must be 'module:attr', got 'nocolon'"):
+        adapters.add("a", config=Cfg, factory="m:f", files="nocolon")
+    with pytest.raises(TypeError, match="losses component 'l': sections, options and files are for adapters only"):
+        losses.add("l", config=Cfg, factory="m:f", files="m:Files")
+    (tmp_path / "hcp_reg_files_mod.py").write_text("class Files:\n    made = 0\n    def __init__(self):\n        Files.made += 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    comp = adapters.add("a", config=Cfg, factory="m:f", files="hcp_reg_files_mod:Files")
+    assert "hcp_reg_files_mod" not in sys.modules  # registration imports nothing
+    assert type(comp.load_files()).__name__ == "Files" and sys.modules["hcp_reg_files_mod"].Files.made == 1
+    assert adapters.add("b", config=Cfg, factory="m:f").load_files() is None
+    registry = Registry()
+    registry.families["adapters"] = adapters
+    assert [c.name for c in registry.file_adapters()] == ["a"]
+
+
+def test_the_builtin_lora_declares_its_file_capabilities(registry: Registry) -> None:
+    assert registry.adapters.get("lora").files == "hcp_plugins.adapters.lora.files:LoraFiles"
+    assert [c.name for c in registry.file_adapters()] == ["lora"]

@@ -12,7 +12,6 @@ from PIL import Image
 from hcp_core import cli
 from hcp_core.config import build_pipeline
 from hcp_core.data.prepare import scan_sources
-from hcp_core.plugins import get_registry
 from hcp_core.tools.gen_from_prompts import PromptOrder, read_prompts
 
 PROMPTS = ["a red circle", "a blue square, white background", "a green triangle"]
@@ -50,7 +49,7 @@ def test_parquet_prompts_images_captions_and_resume(tmp_path, gen) -> None:
     raw = {"model": {"pretrained": "unused"}, "data": {"reg": {
         "sources": [{"type": "image_folder", "img_root": str(out)}], "bucket": {"type": "fixed", "target_size": [64, 64]}}}}
     p = build_pipeline(raw, base_dir=str(tmp_path))
-    records, problems = scan_sources("reg", p.data["reg"], registry=get_registry(), base_dir=str(tmp_path))
+    records, problems = scan_sources("reg", p.data["reg"], registry=p.registry, base_dir=str(tmp_path))
     assert not problems
     assert sorted((r.image.rsplit("/", 1)[-1], r.caption) for r in records) == [
         (f"{i:06d}.png", captions[i]) for i in range(4)]

@@ -1,7 +1,12 @@
-"""One ``[data.<name>]`` table made ready: sources scanned, problems collected, buckets fitted.
+"""One ``[data.<name>]`` table made ready: sources scanned, records checked, buckets fitted.
 
 No torch here: ``hcp check`` and the training run share this step; the run then wraps the
 result in a torch dataset (:mod:`hcp_core.data.dataset`).
+
+What a source's scan returns is checked here, the same way for every source, built-in or from a
+plugin (:func:`check_records`): a template placeholder nothing fills is an error; an image without
+a caption where a template wants one, and a mask that cannot be read or does not fit its image,
+are reported as problems.
 """
 from __future__ import annotations
 
@@ -15,11 +20,15 @@ import attrs
 from ..config.schema import DatasetConfig
 from ..errors import DataError
 from ..interfaces import BucketContext, ImageRecord, Problem, Size, SourceContext
+from ..registry import Registry
 from .geometry import aspect_error, check_bucket_sizes
-from .images import BadImage, verify
+from .images import DEFAULT_MAX_PIXELS, BadImage, read_header, verify
+from .prompts import CAPTION, check_templates, placeholders
 
 #: The VAE's downsampling: bucket sides must be multiples of it (latents and masks divide evenly).
 DEFAULT_LATENT_FACTOR = 8
+#: Masks whose aspect ratio is within this of the image's are stretched to fit; others are ignored.
+MASK_ASPECT_TOLERANCE = 0.01
 
 
 class EmptyDatasetError(DataError):
@@ -107,38 +116,94 @@ def verify_records(records: Sequence[ImageRecord], threads: Optional[int] = None
     return kept, problems
 
 
-def scan_sources(name: str, config: DatasetConfig, *, registry: Any, base_dir: str) -> Tuple[List[ImageRecord], List[Problem]]:
-    """Build and scan every source of dataset ``name``, in order."""
+def scan_sources(name: str, config: DatasetConfig, *, registry: Registry, base_dir: str) -> Tuple[List[ImageRecord], List[Problem]]:
+    """Build and scan every source of dataset ``name``, in order, and check what each returns
+    (:func:`check_records`). ``registry`` is the pipeline's (``pipeline.registry``)."""
     records: List[ImageRecord] = []
     problems: List[Problem] = []
     context = SourceContext(registry=registry, base_dir=base_dir, dataset=name)
-    for spec in config.sources:
+    for i, spec in enumerate(config.sources):
         scan = spec.build(context=context).scan()
-        records.extend(scan.records)
+        kept, more = check_records(scan.records, f"data.{name}.sources[{i}] ({spec.name})")
+        records.extend(kept)
         problems.extend(scan.problems)
+        problems.extend(more)
     return records, problems
+
+
+def check_records(records: Sequence[ImageRecord], where: str) -> Tuple[List[ImageRecord], List[Problem]]:
+    """The checks every source's records get; ``where`` names the source in messages.
+
+    Raises :class:`~hcp_core.errors.ConfigError` for a template placeholder that no text
+    transform fills (it would otherwise train as literal text) and :class:`DataError` for a
+    record without templates or with ``repeat < 1``. Returns the records (a mask that cannot be
+    used is dropped from its record: weight 1 everywhere) and the problems found.
+    """
+    checked: set = set()
+    kept: List[ImageRecord] = []
+    problems: List[Problem] = []
+    for record in records:
+        if not record.templates:
+            raise DataError(f"{where}: {record.image} has no prompt template (the source gave none)")
+        if record.repeat < 1:
+            raise DataError(f"{where}: {record.image} has repeat {record.repeat}; it must be at least 1")
+        # Records of one source share their templates and transforms: check each pair once.
+        key = (record.templates, tuple(map(id, record.text_transforms)))
+        if key not in checked:
+            check_templates(record.templates, record.text_transforms, where)
+            checked.add(key)
+        if record.caption is None and any(CAPTION in placeholders(t) for t in record.templates):
+            problems.append(Problem(record.image, "image has no caption", "trained with an empty {caption}"))
+        if record.mask is not None:
+            mask, problem = check_mask(record)
+            if problem is not None:
+                problems.append(problem)
+            if mask != record.mask:
+                record = attrs.evolve(record, mask=mask)
+        kept.append(record)
+    return kept, problems
+
+
+def check_mask(record: ImageRecord) -> Tuple[Optional[str], Optional[Problem]]:
+    """The mask ``record`` can use (None: weight 1 everywhere) and the problem with it, if any.
+
+    A mask of the image's size is used as is; one of the same aspect ratio (within
+    :data:`MASK_ASPECT_TOLERANCE`) is stretched; any other, or an unreadable one, is ignored.
+    """
+    assert record.mask is not None
+    mask, (w, h) = str(record.mask), record.size
+    try:
+        # Only the header is read; a mask may be as large as its image even past PIL's default.
+        mask_size = read_header(mask, max(DEFAULT_MAX_PIXELS, w * h)).size
+    except (BadImage, OSError) as exc:
+        return None, Problem(mask, f"unusable mask for {record.image} ({exc})", "mask ignored: weight 1 everywhere")
+    if mask_size == (w, h):
+        return mask, None
+    mw, mh = mask_size
+    what = f"mask size {mw}x{mh} differs from its image's {w}x{h} ({record.image})"
+    if abs(math.log((mw / mh) / (w / h))) <= MASK_ASPECT_TOLERANCE:
+        return mask, Problem(mask, what, "mask stretched to the image size")
+    return None, Problem(mask, what + " and so does its aspect ratio", "mask ignored: weight 1 everywhere")
 
 
 def prepare_dataset(
     name: str,
     config: DatasetConfig,
     *,
-    registry: Any = None,
+    registry: Registry,
     base_dir: str = ".",
     seed: int = 0,
     verify_images: bool = False,
     latent_factor: int = DEFAULT_LATENT_FACTOR,
 ) -> PreparedDataset:
-    """Scan, optionally verify, and bucket dataset ``name``.
+    """Scan, check, optionally verify, and bucket dataset ``name``; ``registry`` is the
+    pipeline's (``pipeline.registry``).
 
     Raises :class:`~hcp_core.errors.DataError` when nothing usable is left, naming the problems.
     """
-    if registry is None:
-        from ..plugins import get_registry
-
-        registry = get_registry()
     if not config.sources:
-        raise DataError(f"data.{name}: no sources; add one, e.g. sources = [{{ type = \"image_folder\", img_root = \"data\" }}]")
+        known = ", ".join(registry.data_sources.names()) or "none is installed"
+        raise DataError(f"data.{name}: no sources; add a [[data.{name}.sources]] table (data sources: {known})")
     records, problems = scan_sources(name, config, registry=registry, base_dir=base_dir)
     if verify_images and records:
         records, more = verify_records(records)

@@ -7,7 +7,8 @@ repetition ``k`` is ``i = j * n + k``) uses seed ``seed + i``. Each PNG is writt
 reproduces it (``hcp generate --from-image IMG``).
 
 LoRA files are folded into the weights (``W += weight * scale * up @ down``, in float32) before the
-model is cast to the run's precision; custom words are installed into the text encoder.
+model is cast to the run's precision, each by the adapter that reads it (found through the plugin
+registry, :mod:`hcp_core.adapter_files`); custom words are installed into the text encoder.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import attrs
 
 from ..errors import UserError
+from ..registry import Registry
 from .params import MAX_SEED, GenerationParams, LoraSpec, parse_size
 
 log = logging.getLogger("hcp")
@@ -85,7 +87,7 @@ def job_from_args(args: Any) -> GenerateJob:
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None:
-        from ..tools.gen_from_prompts import read_prompts
+        from .prompt_files import read_prompts
 
         prompts: Tuple[str, ...] = tuple(read_prompts(args.prompt_file))
     elif args.prompt is not None:
@@ -172,15 +174,24 @@ def load_for_generation(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     log_fn: Callable[[str], None] = log.info,
+    registry: Optional[Registry] = None,
 ) -> LoadedModel:
     """Load ``model`` (SD 1.x/2.x or SDXL), merge ``loras`` into it, install the custom words of
-    ``embeddings``, cast to ``dtype`` and move it to ``device``."""
+    ``embeddings``, cast to ``dtype`` and move it to ``device``.
+
+    Each LoRA file is merged by the adapter of ``registry`` (default: the process-wide one) that
+    reads it; a file no adapter reads is a :class:`UserError` before the model loads.
+    """
     import torch
 
-    from hcp_plugins.adapters.lora.merge import apply_lora_file
-
+    from ..adapter_files import find_file_adapter
     from ..models.loading import load_models
-    from ..models.sdxl import make_prompt_encoder, max_clip_skip
+    from ..plugins import get_registry
+
+    if loras:
+        registry = registry if registry is not None else get_registry()
+    appliers = [(find_file_adapter(registry, spec.path), spec) for spec in loras]
+    from ..models.conditioning import make_prompt_encoder, max_clip_skip
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -190,8 +201,8 @@ def load_for_generation(
         why = "SDXL model allows 0 to {} (it already uses the penultimate layer)" if bundle.kind == "sdxl" else "model allows 0 to {}"
         raise UserError(f"--clip-skip {clip_skip} is out of range: this {why.format(limit)}")
     encoder = make_prompt_encoder(bundle, clip_skip=clip_skip)
-    for spec in loras:  # merged in float32, before any cast; SDXL files hold unet, te1 and te2 keys
-        count = apply_lora_file(bundle, spec.path, spec.weight)
+    for adapter, spec in appliers:  # merged in float32, before any cast; SDXL files hold unet, te1 and te2 keys
+        count = adapter.apply(bundle, spec.path, spec.weight)
         log_fn(f"merged {spec.path} with weight {spec.weight:g} into {count} layers")
     encoder = with_custom_words(bundle, encoder, embeddings, log_fn)
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -245,15 +256,17 @@ def next_number(out: Path) -> int:
     return max(numbers) + 1 if numbers else 0
 
 
-def generate(job: GenerateJob, log_fn: Callable[[str], None] = print) -> List[Path]:
-    """Render every image of ``job`` into ``job.out``; return the files written, in order."""
+def generate(job: GenerateJob, log_fn: Callable[[str], None] = print, registry: Optional[Registry] = None) -> List[Path]:
+    """Render every image of ``job`` into ``job.out``; return the files written, in order.
+
+    ``registry`` finds the adapter of each LoRA file (default: the process-wide one)."""
     from .metadata import format_parameters, hcp_record, write_png
     from .render import render_image
 
     loaded = load_for_generation(
         job.model, loras=job.loras, embeddings=job.embeddings, clip_skip=job.clip_skip,
         prediction_type=job.prediction_type, model_config=job.model_config, device=job.device, dtype=job.dtype,
-        log_fn=log_fn,
+        log_fn=log_fn, registry=registry,
     )  # fmt: skip
     plans = plan_images(job, job.size or loaded.native_size())
     out = Path(job.out)

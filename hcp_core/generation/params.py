@@ -1,44 +1,20 @@
 """What decides a generated image: :class:`GenerationParams`, and parsers for sizes and LoRA arguments.
 
-Light on purpose (no torch): the config schema validates ``[sample]`` with :func:`parse_size`.
+Light on purpose (no torch). :func:`parse_size` lives in :mod:`hcp_core.config.values` (the config
+schema validates ``[sample]`` with it) and is re-exported here.
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Optional, Tuple
+import math
+from typing import Optional, Tuple
 
 import attrs
 
-from ..interfaces import Size
+from ..errors import UserError
+from ..config.values import SIZE_MULTIPLE, parse_size  # noqa: F401  (moved to config)
 
-#: Pixel sizes must be multiples of this (diffusers' SD pipelines require it).
-SIZE_MULTIPLE = 8
 #: Largest seed a torch.Generator takes.
 MAX_SEED = 2**64 - 1
-_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*$")
-
-
-def parse_size(value: Any) -> Size:
-    """``(width, height)`` from ``"WxH"``, ``"N"`` (square), ``N`` or ``[W, H]``.
-
-    Raises ValueError with a message that says what is accepted (callers add where it came from).
-    """
-    if isinstance(value, bool):
-        numbers = None
-    elif isinstance(value, int):
-        numbers = (value, value)
-    elif isinstance(value, str) and (m := _SIZE_TEXT.match(value)):
-        numbers = (int(m.group(1)), int(m.group(2) or m.group(1)))
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        numbers = (value[0], value[1])
-    else:
-        numbers = None
-    if numbers is None:
-        raise ValueError(f"{value!r} is not a size: write WIDTHxHEIGHT, e.g. \"512x768\" (or [512, 768])")
-    width, height = numbers
-    if width < SIZE_MULTIPLE or height < SIZE_MULTIPLE or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        raise ValueError(f"size {width}x{height}: width and height must be positive multiples of {SIZE_MULTIPLE}")
-    return width, height
 
 
 @attrs.frozen
@@ -52,15 +28,29 @@ class LoraSpec:
         return f"{self.path}:{self.weight:g}"
 
 
+class LoraSpecError(UserError, ValueError):
+    """A ``FILE:WEIGHT`` whose weight is not a number (a ValueError too, for argparse ``type=``)."""
+
+
 def parse_lora_spec(text: str) -> LoraSpec:
-    """``FILE`` or ``FILE:WEIGHT``; a colon not followed by a number belongs to the path (``C:\\x``)."""
+    """``FILE`` or ``FILE:WEIGHT`` (the one parser of ``--lora`` for every command).
+
+    The weight is what follows the last colon. A colon followed by a path (``C:\\x.safetensors``,
+    ``/a/b:c.safetensors``: a separator or a dot) belongs to the path; anything else after the
+    last colon must be a finite number.
+    """
     path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return LoraSpec(path, float(tail))
-        except ValueError:
-            pass
-    return LoraSpec(text, 1.0)
+    if not sep or not path:
+        return LoraSpec(text, 1.0)
+    try:
+        weight = float(tail)
+    except ValueError:
+        if any(c in tail for c in "/\\."):
+            return LoraSpec(text, 1.0)
+        raise LoraSpecError(f"--lora {text!r}: the weight after ':' must be a number, like {path}:0.8") from None
+    if not math.isfinite(weight):
+        raise LoraSpecError(f"--lora {text!r}: the weight after ':' must be a finite number, like {path}:0.8")
+    return LoraSpec(path, weight)
 
 
 @attrs.frozen

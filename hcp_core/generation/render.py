@@ -10,7 +10,7 @@ denoising loop is diffusers':
   ``negative_prompt_embeds`` from a :class:`~hcp_core.models.text_encoding.PromptEncoder`.
 * SDXL (``"sdxl"``): ``StableDiffusionXLPipeline`` with the joined hidden states of both text
   encoders and the pooled embedding of the second, from an
-  :class:`~hcp_core.models.sdxl.SdxlPromptEncoder`; the size conditioning says the image was
+  :class:`~hcp_core.models.conditioning.SdxlPromptEncoder`; the size conditioning says the image was
   neither resized nor cropped (original size = target size = the image's, crop at (0, 0)).
 
 Noise comes from a CPU ``torch.Generator`` seeded with the image's seed, so the starting latents
@@ -40,7 +40,7 @@ def model_kind(models: ModelBundle) -> str:
     return kind
 
 
-def build_pipeline(models: ModelBundle, scheduler_name: str) -> Any:
+def build_diffusers_pipeline(models: ModelBundle, scheduler_name: str) -> Any:
     """The diffusers pipeline of ``models.kind`` around ``models``' modules (not copied, not
     moved) with a fresh ``scheduler_name`` sampler on the model's noise schedule.
 
@@ -127,7 +127,7 @@ def render_image(
     """
     if not 0 <= params.seed <= MAX_SEED:
         raise ValueError(f"seed must be between 0 and 2**64 - 1, got {params.seed}")
-    pipe = build_pipeline(models, params.scheduler)
+    pipe = build_diffusers_pipeline(models, params.scheduler)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     sdxl = model_kind(models) == "sdxl"
     decoding = vae_decode_without_autocast(models.vae) if sdxl else contextlib.nullcontext()
@@ -135,7 +135,7 @@ def render_image(
         text = prompt_conditioning(encoder, params.prompt, params.negative_prompt)
         if sdxl != ("pooled_prompt_embeds" in text):
             raise ValueError(f"a {type(encoder).__name__} cannot condition a {models.kind} model: "
-                             "use hcp_core.models.sdxl.make_prompt_encoder(models)")  # fmt: skip
+                             "use hcp_core.models.conditioning.make_prompt_encoder(models)")  # fmt: skip
         result = pipe(
             **text, **size_conditioning(models, params),
             num_inference_steps=params.steps, guidance_scale=params.cfg,

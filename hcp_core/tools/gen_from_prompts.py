@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..data.captions import clean_caption
 from ..errors import UserError
+from ..generation.prompt_files import PromptFileError, read_prompts  # noqa: F401  (part of this tool's API)
 
 #: Hidden, so the image_folder source does not report it as a stray file.
 SETTINGS_FILE = ".gen_from_prompts.json"
@@ -37,48 +36,6 @@ SAMPLER_ALIASES = {"dpm++": "dpm++_2m"}
 #: Settings that decide what image i is; a rerun must repeat them.
 IDENTITY_KEYS = ("model", "prompt_file", "column", "prompt", "seed", "steps", "width", "height", "cfg",
                  "negative_prompt", "sampler")  # fmt: skip
-
-
-class PromptFileError(UserError):
-    """A prompt database that cannot be read."""
-
-
-def read_prompts(path: str | os.PathLike, column: Optional[str] = None) -> List[str]:
-    """The non-empty prompts of a ``.parquet`` (first or named column) or ``.txt`` (one a line) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PromptFileError(f"--prompt-file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        values = _parquet_column(path, column)
-    elif suffix == ".txt":
-        if column is not None:
-            raise PromptFileError(f"--column {column!r}: a .txt prompt file has no columns (one prompt a line)")
-        values = path.read_text(encoding="utf-8-sig").splitlines()
-    else:
-        raise PromptFileError(f"--prompt-file {path}: use a .parquet prompt database or a .txt file with one prompt a line")
-    prompts = [clean_caption(str(v)) for v in values if v is not None and str(v).strip()]
-    if not prompts:
-        raise PromptFileError(f"--prompt-file {path} holds no prompt" + (f" in column {column!r}" if column else ""))
-    return prompts
-
-
-def _parquet_column(path: Path, column: Optional[str]) -> List[Any]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise PromptFileError("reading .parquet prompt files needs pyarrow: pip install pyarrow") from None
-    try:
-        schema = pq.read_schema(str(path))
-    except Exception as exc:
-        raise PromptFileError(f"--prompt-file {path} is not a readable parquet file: {exc}") from None
-    names = list(schema.names)
-    if not names:
-        raise PromptFileError(f"--prompt-file {path} has no columns")
-    name = column if column is not None else names[0]
-    if name not in names:
-        raise PromptFileError(f"--column {name!r} is not in {path}; its columns: {', '.join(names)}")
-    return pq.read_table(str(path), columns=[name]).column(name).to_pylist()
 
 
 class PromptOrder:
@@ -131,14 +88,9 @@ def check_settings(out: Path, settings: Dict[str, Any]) -> None:
 
 
 def _save_image(image: Any, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".png", dir=str(target.parent))
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from ..fileio import atomic_write  # imported here to keep this edit local to the function
+
+    atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def sampler_name(name: str) -> str:
@@ -149,14 +101,14 @@ def sampler_name(name: str) -> str:
     return scheduler_choice(SAMPLER_ALIASES.get(name, name), where="--sampler").name
 
 
-def build_pipeline(model: str, sampler: str, device: str, dtype: Optional[str]) -> Any:
+def load_sampling_pipeline(model: str, sampler: str, device: str, dtype: Optional[str]) -> Any:
     """The diffusers pipeline of ``model``'s kind (SD or SDXL), loaded, cast and moved as for
     ``hcp generate``, with the chosen sampler."""
     from ..generation.generate import load_for_generation
-    from ..generation.render import build_pipeline as pipeline_for
+    from ..generation.render import build_diffusers_pipeline
 
     loaded = load_for_generation(model, device=device, dtype=dtype, log_fn=lambda _message: None)
-    return pipeline_for(loaded.models, sampler)
+    return build_diffusers_pipeline(loaded.models, sampler)
 
 
 def generate(args: argparse.Namespace, log=print) -> List[int]:
@@ -183,7 +135,7 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
     if not todo:
         return []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = build_pipeline(args.model, sampler, device, args.dtype)
+    pipe = load_sampling_pipeline(args.model, sampler, device, args.dtype)
     order = PromptOrder(len(prompts), args.seed)
     written: List[int] = []
     for start in range(0, len(todo), args.batch_size):

@@ -5,6 +5,10 @@ SDXL's encoders); text encoders are written with the standard ``text_model.``-pr
 transformers 4 and 5, webui and ComfyUI all read (transformers 5's own ``save_pretrained`` leaves
 the prefix out, and transformers 4 then silently starts from random weights). Optionally one
 original-layout single-file checkpoint is written too (SD 1.x and SDXL).
+
+Each ``--lora`` file is merged by the adapter that reads it, found through the plugin registry
+(:mod:`hcp_core.adapter_files`): the built-in LoRA, or any plugin adapter that declares file
+capabilities.
 """
 from __future__ import annotations
 
@@ -15,19 +19,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
+from ..generation.params import parse_lora_spec
+from ..models.module_names import canonical_state_dict
+from ..registry import Registry
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
-
-
-def parse_lora_arg(value: str) -> Tuple[str, float]:
-    """``FILE`` or ``FILE:WEIGHT`` -> (path, weight); a drive letter's colon is not a weight."""
-    path, sep, weight = value.rpartition(":")
-    if sep and path and not weight.startswith(("\\", "/")):
-        try:
-            return path, float(weight)
-        except ValueError:
-            raise UserError(f"--lora {value!r}: the weight after ':' must be a number, like {path}:0.8") from None
-    return value, 1.0
 
 
 def _stored_dtype(part_dir: Path):
@@ -45,9 +41,7 @@ def _stored_dtype(part_dir: Path):
 
 def text_encoder_state(text_encoder) -> Dict[str, "object"]:
     """The text encoder's weights under standard (transformers 4, webui) names: ``text_model.*``."""
-    from hcp_plugins.adapters.lora.naming import canonical_path
-
-    return {canonical_path("text_encoder", text_encoder, k): v for k, v in text_encoder.state_dict().items()}
+    return canonical_state_dict("text_encoder", text_encoder)
 
 
 def _clear_weights(part_dir: Path) -> None:
@@ -59,8 +53,10 @@ def _clear_weights(part_dir: Path) -> None:
 def _save(tensors: Dict[str, "object"], path: Path, dtype) -> None:
     from safetensors.torch import save_file
 
+    from ..fileio import atomic_write
+
     cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    save_file(cpu, str(path), metadata={"format": "pt"})
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
 
 
 def merge_lora(
@@ -68,14 +64,19 @@ def merge_lora(
     loras: Sequence[Tuple[str, float]],
     out: str | Path,
     single_file: Optional[str | Path] = None,
+    *,
+    registry: Optional[Registry] = None,
 ) -> Path:
     """Merge ``loras`` ((path, weight) pairs) into the diffusers folder ``model``; write ``out``.
 
     Returns the output folder. ``single_file`` also writes an original-layout ``.safetensors``.
+    Each file is merged by the adapter of ``registry`` (default: the process-wide one) that reads it.
     """
-    from hcp_plugins.adapters.lora.merge import apply_lora_file
-
+    from ..adapter_files import find_file_adapter
     from ..models.loading import load_models
+    from ..plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
 
     src, dst = Path(model), Path(out)
     if not (src / "model_index.json").is_file():
@@ -87,9 +88,11 @@ def merge_lora(
     if dst.resolve() == src.resolve():
         raise UserError("--out must differ from --model")
 
+    # Every file is matched to its adapter before the (slow) model load.
+    appliers = [(find_file_adapter(registry, path), path, weight) for path, weight in loras]
     models = load_models(str(src))
-    for path, weight in loras:
-        apply_lora_file(models, path, weight, kind=models.kind)
+    for adapter, path, weight in appliers:
+        adapter.apply(models, str(path), weight)
 
     shutil.copytree(src, dst, dirs_exist_ok=True)
     unet_dtype = _stored_dtype(src / "unet")
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; user errors propagate as :class:`UserError` for the CLI to print."""
     args = build_parser().parse_args(argv)
-    loras = [parse_lora_arg(v) for v in args.lora]
+    loras = [(spec.path, spec.weight) for spec in map(parse_lora_spec, args.lora)]
     out = merge_lora(args.model, loras, args.out, args.single_file)
     merged = ", ".join(f"{path} x {weight:g}" for path, weight in loras)
     print(f"merged {merged} into {out}" + (f" and {args.single_file}" if args.single_file else ""))

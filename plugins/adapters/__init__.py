@@ -27,6 +27,7 @@ def hcp_register_adapters(registry: FamilyRegistry) -> None:
         factory="hcp_plugins.adapters.lora.adapter:build_lora_adapter",
         sections={"lora_unet": "unet", "lora_text_encoder": "text_encoder", "lora_text_encoder_2": "text_encoder_2"},
         options=("lora", LoraOptions),
+        files="hcp_plugins.adapters.lora.files:LoraFiles",  # hcp generate --lora, hcp tools merge-lora
     )
     registry.add(
         "finetune",

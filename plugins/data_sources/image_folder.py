@@ -1,27 +1,26 @@
 """``image_folder``: images under ``img_root``, with captions, prompt templates and attention masks.
 
 The scan reads file headers only (sizes for bucketing), never pixels. Everything it cannot use
-becomes a :class:`~hcp_core.interfaces.Problem` naming the file and what hcp did about it.
+becomes a :class:`~hcp_core.interfaces.Problem` naming the file and what hcp did about it. The
+checks every source gets (unfilled template placeholders, missing captions, masks that do not fit
+their image) run in the core after the scan (:func:`hcp_core.data.prepare.check_records`).
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hcp_core.data.captions import DEFAULT_CAPTION_FILE, load_caption_file, match_captions, read_caption_txt
-from hcp_core.data.files import list_files
+from hcp_core.data.files import folder_problem, list_files
 from hcp_core.data.images import BadImage, Header, is_image_name, read_header
-from hcp_core.data.prompts import CAPTION, TemplateFill, check_templates, placeholders
+from hcp_core.data.prompts import TemplateFill
 from hcp_core.errors import DataError
 from hcp_core.interfaces import ImageRecord, Problem, ScanResult, SourceContext
 
 from .config import ImageFolderConfig
 
-#: Masks whose aspect ratio is within this of the image's are stretched to fit; others are ignored.
-MASK_ASPECT_TOLERANCE = 0.01
 _HEADER_THREADS = 4  # more threads only fight over the GIL
 
 
@@ -72,7 +71,6 @@ class ImageFolderSource:
             # The source's own word_names fill whatever the listed transforms left.
             transforms.append(TemplateFill(config.word_names))
         self.transforms = tuple(transforms)
-        check_templates(self.templates, self.transforms, self.where)
 
     # ------------------------------------------------------------------ config paths
     def _candidates(self, value: str, fallback_root: Optional[str]) -> List[str]:
@@ -88,7 +86,8 @@ class ImageFolderSource:
             if os.path.isdir(path):
                 return os.path.abspath(path)
         tried = " or ".join(self._candidates(value, fallback_root))
-        raise DataError(f"{self.where}: {key} folder {value!r} does not exist (looked for {tried})")
+        reason = folder_problem(self._candidates(value, fallback_root)[0]) or "does not exist"
+        raise DataError(f"{self.where}: {key} folder {value!r} {reason} (looked for {tried})")
 
     def _resolve_file(self, value: str) -> Optional[str]:
         for path in self._candidates(value, self.root):
@@ -127,7 +126,7 @@ class ImageFolderSource:
         own_files = {p for p in (self.caption_file, self._resolve_file(cfg.prompt_template)) if p}
         images: List[str] = []
         txts: Dict[str, str] = {}
-        for rel in list_files(self.root, cfg.recursive, [self.mask_dir] if self.mask_dir else []):
+        for rel in list_files(self.root, cfg.recursive, [self.mask_dir] if self.mask_dir else [], problems):
             path = os.path.join(self.root, rel)
             if path in own_files:  # root is absolute and normalised, so is path
                 continue
@@ -144,28 +143,18 @@ class ImageFolderSource:
         problems += mask_problems
 
         headers = _headers([os.path.join(self.root, rel) for rel in images], cfg.max_image_pixels)
-        wants_caption = any(CAPTION in placeholders(t) for t in self.templates)
         records: List[ImageRecord] = []
         for rel, (header, reason) in zip(images, headers):
             path = os.path.join(self.root, rel)
             if header is None:
                 problems.append(Problem(path, reason or "unreadable image", "skipped"))
                 continue
-            caption = captions.get(rel)
-            if caption is None and wants_caption:
-                problems.append(Problem(path, "image has no caption (no .txt beside it, no caption-file entry)",
-                                        "trained with an empty {caption}"))
-            mask = masks.get(rel)
-            if mask is not None:
-                mask, problem = self._check_mask(mask, path, header)
-                if problem is not None:
-                    problems.append(problem)
             records.append(
                 ImageRecord(
                     image=path,
                     size=header.size,
-                    caption=caption,
-                    mask=mask,
+                    caption=captions.get(rel),
+                    mask=masks.get(rel),
                     templates=self.templates,
                     text_transforms=self.transforms,
                     repeat=cfg.repeat,
@@ -205,7 +194,7 @@ class ImageFolderSource:
         by_rel_stem: Dict[str, str] = {}
         by_stem: Dict[str, str] = {}
         problems: List[Problem] = []
-        for rel in list_files(self.mask_dir, True):
+        for rel in list_files(self.mask_dir, True, problems=problems):
             path = os.path.join(self.mask_dir, rel)
             if not is_image_name(rel):
                 problems.append(Problem(path, "not an image file in the mask folder", "ignored"))
@@ -220,17 +209,3 @@ class ImageFolderSource:
         used = set(masks.values())
         problems += [Problem(p, "mask with no image", "ignored") for p in sorted(set(by_rel_stem.values()) - used)]
         return masks, problems
-
-    def _check_mask(self, mask: str, image: str, header: Header) -> Tuple[Optional[str], Optional[Problem]]:
-        """The mask to use (None: weight 1) and the problem with it, if any."""
-        try:
-            mask_size = read_header(mask, self.config.max_image_pixels).size
-        except (BadImage, OSError) as exc:
-            return None, Problem(mask, f"unusable mask for {image} ({exc})", "mask ignored: weight 1 everywhere")
-        if mask_size == header.size:
-            return mask, None
-        (mw, mh), (w, h) = mask_size, header.size
-        what = f"mask size {mw}x{mh} differs from its image's {w}x{h} ({image})"
-        if abs(math.log((mw / mh) / (w / h))) <= MASK_ASPECT_TOLERANCE:
-            return mask, Problem(mask, what, "mask stretched to the image size")
-        return None, Problem(mask, what + " and so does its aspect ratio", "mask ignored: weight 1 everywhere")

@@ -1,4 +1,4 @@
-"""MSE losses; each returns one value per sample so the trainer can weight samples (min-SNR)."""
+"""MSE loss; returns one value per sample so the trainer can weight samples (min-SNR)."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,23 +9,14 @@ from hcp_core.interfaces import LossInputs
 
 
 class MseLoss:
-    """``mean((pred - target)^2)`` per sample, computed in float32."""
+    """Squared error per element, times the attention-mask weight when the batch has one
+    (``inputs.weight_map``, broadcast over channels), averaged per sample; computed in float32."""
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
 
-    def elementwise(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (pred.float() - target.float()) ** 2
-
     def __call__(self, pred: torch.Tensor, target: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
-        return self.elementwise(pred, target).flatten(1).mean(dim=1)
-
-
-class MaskedMseLoss(MseLoss):
-    """Per-element squared error times the attention-mask weight (broadcast over channels), averaged."""
-
-    def __call__(self, pred: torch.Tensor, target: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
-        loss = self.elementwise(pred, target)
+        loss = (pred.float() - target.float()) ** 2
         if inputs.weight_map is not None:
             weight = inputs.weight_map.to(loss.dtype)
             if weight.shape[-2:] != loss.shape[-2:]:
@@ -35,3 +26,7 @@ class MaskedMseLoss(MseLoss):
                 )
             loss = loss * weight
         return loss.flatten(1).mean(dim=1)
+
+
+#: ``masked_mse`` is ``mse`` (which applies the weight map itself); kept for old configs.
+MaskedMseLoss = MseLoss

@@ -1,8 +1,7 @@
 """Module paths as LoRA files spell them, whatever the installed transformers calls them.
 
-transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0...``) where transformers 4, webui,
-kohya and diffusers' converters say ``text_model.encoder.layers.0...``. Files always get the
-``text_model.`` spelling (the *canonical* path); reading accepts both.
+The ``text_model.`` spelling rules (transformers 4 vs 5) are the core's
+(:mod:`hcp_core.models.module_names`); this module adds the kohya and PEFT key tables.
 """
 from __future__ import annotations
 
@@ -11,10 +10,9 @@ from typing import Dict, Iterator, Mapping, Tuple
 from torch import nn
 
 from hcp_core.models.layer_select import model_modules
+from hcp_core.models.module_names import TEXT_MODEL_PREFIX, UNET, canonical_path, native_path
 
-TEXT_MODEL_PREFIX = "text_model."
-UNET = "unet"
-
+__all__ = ["TEXT_MODEL_PREFIX", "UNET", "canonical_path", "native_path", "kohya_prefix", "kohya_name", "kohya_table", "dotted_table", "lora_layers"]
 
 def kohya_prefix(target: str, kind: str = "sd") -> str:
     """``lora_unet`` / ``lora_te`` (``lora_te1`` and ``lora_te2`` for SDXL's two text encoders)."""
@@ -25,29 +23,6 @@ def kohya_prefix(target: str, kind: str = "sd") -> str:
     if target == "text_encoder_2":
         return "lora_te2"
     raise ValueError(f"no LoRA key prefix for model part {target!r}")
-
-
-def _is_flat_clip(model: nn.Module) -> bool:
-    """A CLIP text model without the ``text_model`` level (transformers 5)."""
-    return (
-        type(model).__name__.startswith("CLIPTextModel")
-        and not hasattr(model, "text_model")
-        and hasattr(model, "encoder")
-    )
-
-
-def canonical_path(target: str, model: nn.Module, path: str) -> str:
-    """The file spelling of module ``path`` of ``model`` (adds ``text_model.`` where it is flat)."""
-    if target != UNET and _is_flat_clip(model):
-        return TEXT_MODEL_PREFIX + path
-    return path
-
-
-def native_path(target: str, model: nn.Module, path: str) -> str:
-    """The inverse of :func:`canonical_path`: the name ``model.named_modules()`` uses."""
-    if target != UNET and _is_flat_clip(model) and path.startswith(TEXT_MODEL_PREFIX):
-        return path[len(TEXT_MODEL_PREFIX):]
-    return path
 
 
 #: UNet layers whose kohya names use the original (sgm) spelling: diffusers' kohya converter, webui

@@ -1,6 +1,7 @@
-"""SDXL's conditioning: two text encoders, a pooled text embedding, and size/crop ids.
+"""The UNet's conditioning for SD 1.x/2.x and SDXL: which prompt encoder a model needs, the
+largest clip skip it allows, and the keyword arguments of a training step's UNet call.
 
-What the SDXL UNet takes besides the noisy latents and the timestep:
+SD 1.x/2.x: one text encoder's hidden states. What the SDXL UNet takes besides the noisy latents and the timestep:
 
 * ``encoder_hidden_states``: both encoders' hidden states of the *same* layer depth, joined on
   the last axis (encoder 1 first). SDXL uses the penultimate layer's raw output (no final layer

@@ -1,6 +1,7 @@
 """Opening real-world image files: header sizes, EXIF, colour modes, bad files."""
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -135,3 +136,117 @@ def test_parse_colour():
     assert images.parse_colour("#102030") == (16, 32, 48)
     with pytest.raises(ValueError, match="unknown colour 'nope'"):
         images.parse_colour("nope")
+
+
+# --------------------------------------------------------------------------- awkward folders
+def _pipeline(root, img_root="imgs"):
+    from hcp_core.config import build_pipeline
+
+    raw = {"model": {"pretrained": "unused"},
+           "data": {"ds": {"sources": [{"type": "image_folder", "img_root": img_root, "recursive": True}],
+                           "bucket": {"type": "fixed", "target_size": [32, 32]}}}}  # fmt: skip
+    return build_pipeline(raw, base_dir=str(root))
+
+
+@pytest.fixture
+def linked(tmp_path):
+    """An image folder with a symlink loop, a dangling chain, a link back to its root, and a FIFO."""
+    import os
+
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(root / "good.png")
+    Image.new("RGB", (32, 32)).save(root / "sub" / "good2.png")
+    os.symlink("loop_b.png", root / "loop_a.png")
+    os.symlink("loop_a.png", root / "loop_b.png")
+    os.symlink("chain2.png", root / "chain1.png")
+    os.symlink("nowhere.png", root / "chain2.png")
+    os.symlink("..", root / "sub" / "up")  # back to imgs/: would recurse forever
+    os.mkfifo(root / "pipe.png")
+    return tmp_path
+
+
+def test_broken_links_are_problems_not_tracebacks(linked):
+    from hcp_core.data.files import list_files
+
+    problems = []
+    files = list_files(str(linked / "imgs"), True, problems=problems)
+    assert files == ["good.png", "sub/good2.png"]
+    by_name = {p.path.rsplit("/", 1)[1]: p for p in problems}
+    assert set(by_name) == {"loop_a.png", "loop_b.png", "chain1.png", "chain2.png", "up", "pipe.png"}
+    assert "broken symbolic link (a symbolic link loop)" in by_name["loop_a.png"].what
+    assert "broken symbolic link (to 'nowhere.png'" in by_name["chain2.png"].what
+    assert "broken symbolic link" in by_name["chain1.png"].what
+    assert "a loop" in by_name["up"].what and "not a regular file" in by_name["pipe.png"].what
+    assert all(p.action == "skipped" for p in problems)
+
+
+def test_hcp_check_and_the_run_list_broken_links(linked):
+    import io
+
+    from hcp_core.data.loader import build_train_data
+    from hcp_core.train.preflight import check_pipeline
+
+    out = io.StringIO()
+    assert check_pipeline(_pipeline(linked), out=out, check_model_layers=False) is True
+    text = out.getvalue()
+    assert "data.ds: 2 images" in text and f"{linked / 'imgs' / 'loop_a.png'}: broken symbolic link" in text
+    data = build_train_data(_pipeline(linked), verify_images=True)
+    prepared = data.prepared["ds"]
+    assert len(prepared.records) == 2 and sum(p.action == "skipped" for p in prepared.problems) == 6
+    data.close()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: (root / "imgs").symlink_to(root / "imgs"), "is a broken symbolic link (a symbolic link loop)"),
+    (lambda root: (root / "imgs").write_text("x"), "is a file, not a folder"),
+    (lambda root: (root / "imgs").symlink_to(root / "gone"), "is a broken symbolic link (to"),
+    (lambda root: None, "does not exist"),
+])  # fmt: skip
+def test_an_img_root_that_is_no_folder_is_a_data_error_naming_it(tmp_path, make, message):
+    import io
+
+    from hcp_core.train.preflight import check_pipeline
+    from hcp_core.errors import DataError
+    from hcp_core.data.prepare import prepare_dataset
+
+    make(tmp_path)
+    p = _pipeline(tmp_path)
+    with pytest.raises(DataError, match=r"img_root folder 'imgs' " + re.escape(message)):
+        prepare_dataset("ds", p.data["ds"], registry=p.registry, base_dir=p.base_dir)
+    out = io.StringIO()
+    assert check_pipeline(p, out=out, check_model_layers=False) is False
+    assert "data.ds: ERROR" in out.getvalue() and message in out.getvalue()
+
+
+def test_unreadable_files_and_folders_are_problems(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from hcp_core.data.files import list_files
+
+    root = tmp_path / "imgs"
+    (root / "locked").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "secret.png")
+    real_open, real_scandir = images.Image.open, os.scandir
+
+    def denied_open(path, *args, **kwargs):  # root can read everything: simulate the refusal
+        if str(path).endswith("secret.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def denied_scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(images.Image, "open", denied_open)
+    monkeypatch.setattr(os, "scandir", denied_scandir)
+    with pytest.raises(BadImage, match=r"^cannot read file \(permission denied\)$"):
+        read_header(str(root / "secret.png"))
+    with pytest.raises(BadImage, match=r"^cannot read file \(permission denied\)$"):
+        verify(str(root / "secret.png"))
+    problems = []
+    assert list_files(str(root), True, problems=problems) == ["secret.png"]
+    [locked] = problems
+    assert locked.path.endswith("locked") and locked.what == "cannot list folder (permission denied)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -139,3 +140,91 @@ def test_files_that_do_not_fit_are_errors_by_message(parts, tmp_path):
             match_layers(read_lora_file(tmp_path / name), parts)
     with pytest.raises(UserError, match="LoRA file not found"):
         read_lora_file(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- broken files
+_X = "lora_unet_down_blocks_0_attn1_to_q"
+_GOOD = {f"{_X}.lora_down.weight": torch.ones(2, 32), f"{_X}.lora_up.weight": torch.ones(32, 2), f"{_X}.alpha": torch.tensor(2.0)}
+_NAN = torch.ones(32, 2)
+_NAN[3, 1] = float("nan")
+BROKEN = {
+    "ranks": ({**_GOOD, f"{_X}.lora_up.weight": torch.ones(32, 7)},
+              rf"'{_X}.lora_up.weight' has shape \(32, 7\) but '{_X}.lora_down.weight' has shape \(2, 32\) \(rank 2\)"),
+    "rank0": ({**_GOOD, f"{_X}.lora_down.weight": torch.ones(0, 32), f"{_X}.lora_up.weight": torch.ones(32, 0)},
+              rf"'{_X}.lora_down.weight' has shape \(0, 32\)"),
+    "3d": ({**_GOOD, f"{_X}.lora_down.weight": torch.ones(2, 32, 1)}, rf"'{_X}.lora_down.weight' has shape \(2, 32, 1\)"),
+    "vector_alpha": ({**_GOOD, f"{_X}.alpha": torch.ones(3)}, rf"'{_X}.alpha' must be a single number"),
+    "int_weights": ({**_GOOD, f"{_X}.lora_down.weight": torch.ones(2, 32, dtype=torch.int64)},
+                    rf"'{_X}.lora_down.weight' has dtype int64; LoRA weights must be floating point"),
+    "nan": ({**_GOOD, f"{_X}.lora_up.weight": _NAN}, rf"'{_X}.lora_up.weight' holds NaN values"),
+    "inf_alpha": ({**_GOOD, f"{_X}.alpha": torch.tensor(float("inf"))}, rf"'{_X}.alpha' holds infinite values"),
+}  # fmt: skip
+
+
+def write_broken(folder, case: str):
+    """The file of ``BROKEN[case]`` (or of the file-level cases) in ``folder``; returns (path, message)."""
+    path = folder / f"{case}.safetensors"
+    if case in BROKEN:
+        tensors, message = BROKEN[case]
+        save_file(tensors, str(path))
+        return path, message
+    save_file(_GOOD, str(path))
+    data = path.read_bytes()
+    if case == "truncated":
+        path.write_bytes(data[: len(data) - 40])
+    elif case == "text":
+        path.write_text("this is not a LoRA")
+    elif case == "pickle":
+        path = folder / "pickle.pt"
+        torch.save({"state": object()}, path)
+    return path, "not a readable .safetensors file"
+
+
+@pytest.mark.parametrize("case", [*BROKEN, "truncated", "text", "pickle"])
+def test_broken_lora_files_are_one_message_naming_file_and_key(tmp_path, case):
+    path, message = write_broken(tmp_path, case)
+    with pytest.raises(UserError, match=message) as info:
+        read_lora_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_peft_alpha_must_be_finite(tmp_path):
+    key = "unet.down_blocks.0.attn1.to_q"
+    tensors = {f"{key}.lora_A.weight": torch.ones(2, 32), f"{key}.lora_B.weight": torch.ones(32, 2)}
+    save_file(tensors, str(tmp_path / "p.safetensors"), metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": float("inf")})})
+    with pytest.raises(UserError, match=rf"layer '{key}' has alpha = inf"):
+        read_lora_file(tmp_path / "p.safetensors")
+    save_file(tensors, str(tmp_path / "q.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(UserError, match="q.safetensors: unreadable LoRA metadata"):
+        read_lora_file(tmp_path / "q.safetensors")
+
+
+def test_an_integer_kohya_alpha_is_accepted(tmp_path):
+    save_file({**_GOOD, f"{_X}.alpha": torch.tensor(4)}, str(tmp_path / "a.safetensors"))
+    assert read_lora_file(tmp_path / "a.safetensors").weights[_X].alpha == 4.0
+
+
+@pytest.mark.parametrize("case", ["ranks", "nan", "inf_alpha", "truncated"])
+def test_generate_and_merge_lora_refuse_a_broken_file_with_exit_2(tmp_path, demo_model_dir, capsys, case):
+    from hcp_core import cli
+
+    path, message = write_broken(tmp_path, case)
+    assert cli.main(["generate", "--model", str(demo_model_dir), "--lora", str(path), "-p", "x",
+                     "--steps", "1", "--size", "32x32", "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(message, err) and str(path) in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert cli.main(["tools", "merge-lora", "--model", str(demo_model_dir), "--lora", str(path), "--out", str(tmp_path / "m")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_python_m_hcp_core_generate_with_a_bad_lora_exits_2_without_traceback(tmp_path, demo_model_dir):
+    import subprocess
+    import sys
+
+    path, _ = write_broken(tmp_path, "ranks")
+    proc = subprocess.run([sys.executable, "-m", "hcp_core", "generate", "--model", str(demo_model_dir), "--lora", str(path),
+                           "-p", "x", "--steps", "1", "--size", "32x32", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and f"'{_X}.lora_up.weight' has shape (32, 7)" in proc.stderr

@@ -149,3 +149,30 @@ def test_part_published_only_as_fp16_variant(tmp_path, demo_model_dir):
     models = load_models(model)
     reference = load_models(demo_model_dir)
     assert all((a == b).all() for a, b in zip(models.unet.parameters(), reference.unet.parameters()))
+
+
+def test_skeleton_has_every_layer_on_meta_and_reads_no_weight(tmp_path, demo_model_dir, bundle):
+    import shutil
+
+    from hcp_core.models.loading import ModelLoadError, load_model_skeleton
+
+    copy = tmp_path / "model"
+    shutil.copytree(demo_model_dir, copy)
+    for weights in copy.glob("*/*.safetensors"):
+        weights.write_bytes(b"garbage")  # a real load would fail on these
+    skeleton = load_model_skeleton(copy, prediction_type="v_prediction")
+    assert skeleton.kind == "sd" and skeleton.prediction_type == "v_prediction"
+    for part in ("unet", "vae", "text_encoder"):
+        real, meta = getattr(bundle, part), getattr(skeleton, part)
+        assert [(n, tuple(p.shape)) for n, p in meta.named_parameters()] == [(n, tuple(p.shape)) for n, p in real.named_parameters()]
+        assert all(p.is_meta for p in meta.parameters())
+    assert skeleton.tokenizer("a red circle").input_ids == bundle.tokenizer("a red circle").input_ids
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model_skeleton(tmp_path / "none")
+    (copy / "unet" / "config.json").write_text("{broken")
+    with pytest.raises(ModelLoadError, match=r"could not load the unet of"):
+        load_model_skeleton(copy)
+    single = tmp_path / "single.safetensors"
+    single.write_bytes(b"x")
+    assert load_model_skeleton(single) is None  # its layers are known only by reading it
+    assert load_model_skeleton(single, config=demo_model_dir).unet.config.sample_size == bundle.unet.config.sample_size

@@ -16,12 +16,14 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import attrs
-from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config.values import RGB, parse_colour  # noqa: F401  (moved to config; importable here too)
 from ..interfaces import Size
+from .files import describe_os_error
 
 #: File name endings an image folder is scanned for (lower case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -33,9 +35,6 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 _EXIF_ORIENTATION = 0x0112
 
-RGB = Tuple[int, int, int]
-
-
 class BadImage(Exception):
     """A file that cannot be used as an image; ``str(err)`` says why (no path: callers add it)."""
 
@@ -43,15 +42,6 @@ class BadImage(Exception):
 def is_image_name(name: str) -> bool:
     """True when ``name`` ends in one of :data:`IMAGE_EXTENSIONS` (any case)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def parse_colour(value: str) -> RGB:
-    """``"white"``, ``"#808080"`` or ``"rgb(1,2,3)"`` as an (r, g, b) tuple; ValueError if unknown."""
-    try:
-        colour = ImageColor.getrgb(value)
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"unknown colour {value!r}: use a name like 'white' or a hex value like '#808080'") from exc
-    return colour[:3]  # type: ignore[return-value]
 
 
 @attrs.frozen
@@ -110,6 +100,8 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _describe_open_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:  # the file system's, not PIL's (PIL sets no errno)
+        return f"cannot read file ({describe_os_error(exc)})"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (unrecognised or unsupported file format)"
     if isinstance(exc, Image.DecompressionBombError):
@@ -155,7 +147,7 @@ def _decode(path: str, draft: Optional[Size]) -> Image.Image:
             im.load()
             return ImageOps.exif_transpose(im)
     except Exception as exc:
-        if isinstance(exc, (UnidentifiedImageError, Image.DecompressionBombError)):
+        if isinstance(exc, (UnidentifiedImageError, Image.DecompressionBombError)) or getattr(exc, "errno", None):
             raise BadImage(_describe_open_error(exc)) from exc
         raise BadImage(f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
 

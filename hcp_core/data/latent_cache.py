@@ -18,11 +18,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..fileio import atomic_write
 from ..interfaces import CropPlan, Size
 from .images import RGB, BadImage
 
@@ -163,13 +163,10 @@ class LatentCache:
             dist = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
             mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
         for i, key in enumerate(keys):
-            path = _entry_path(folder, key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # Write then rename, so a crash or a second process never leaves half a file.
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            os.close(fd)
-            save_file({"mean": mean[i].contiguous(), "std": std[i].contiguous()}, tmp)
-            os.replace(tmp, path)
+            entry = {"mean": mean[i].contiguous(), "std": std[i].contiguous()}
+            # Atomic, so a crash or a second process never leaves half a file; not fsynced: a
+            # lost entry is just encoded again.
+            atomic_write(_entry_path(folder, key), lambda tmp, entry=entry: save_file(entry, tmp), durable=False)
 
 
 def _config_value(config: Any, name: str, default: Any) -> Any:

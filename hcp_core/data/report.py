@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Sequence, TextIO
 
 from ..errors import UserError
 from ..interfaces import Problem
-from .prepare import EmptyDatasetError, PreparedDataset, prepare_dataset
+from .prepare import DEFAULT_LATENT_FACTOR, EmptyDatasetError, PreparedDataset, prepare_dataset
 
 #: How many problems a training log lists before pointing at ``hcp check``.
 LOG_PROBLEM_LIMIT = 20
@@ -70,21 +70,30 @@ def problem_summary(name: str, problems: Sequence[Problem]) -> str:
     )
 
 
-def check_pipeline(
-    pipeline: Any, out: TextIO = sys.stdout, *, registry: Any = None, strict: bool = False, verify_images: bool = True
+def check_data(
+    pipeline: Any,
+    out: TextIO = sys.stdout,
+    *,
+    registry: Any = None,
+    strict: bool = False,
+    verify_images: bool = True,
+    latent_factor: Optional[int] = None,
 ) -> bool:
-    """What ``hcp check`` prints for the data: per dataset the bucket table and every problem.
+    """The data part of ``hcp check``: per dataset the bucket table and every problem.
 
-    Images are decoded in full (a header cannot reveal a truncated file) unless
-    ``verify_images`` is False (headers only: fast, but truncated files go unnoticed). Returns
-    False when a dataset cannot be trained at all, or, with ``strict``, when any file has a problem.
+    Images are decoded in full (a header cannot reveal a truncated file; the run verifies them
+    too, so both see the same buckets) unless ``verify_images`` is False (headers only: fast, but
+    truncated files go unnoticed). Returns False when a dataset cannot be trained at all, or,
+    with ``strict``, when any file has a problem.
     """
     ok = True
+    registry = registry if registry is not None else getattr(pipeline, "registry", None)
     for name, config in pipeline.data.items():
         try:
             prepared = prepare_dataset(
-                name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed, verify_images=verify_images
-            )
+                name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed,
+                verify_images=verify_images, latent_factor=latent_factor or DEFAULT_LATENT_FACTOR,
+            )  # fmt: skip
         except EmptyDatasetError as exc:
             print(f"data.{name}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)
             print(format_problems(exc.problems), file=out)

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from ..errors import UserError
+from ..fileio import atomic_write
 from .params import GenerationParams, LoraSpec, parse_size
 from .schedulers import UnknownSchedulerError, scheduler_choice, scheduler_from_webui_name
 
@@ -192,25 +192,16 @@ def hcp_record(params: GenerationParams, *, device: str, dtype: str) -> Dict[str
 def write_png(image: Any, path: str | os.PathLike, parameters: str, record: Optional[Mapping[str, Any]] = None) -> Path:
     """Save PIL ``image`` at ``path`` with the ``parameters`` text (and ``record`` as the ``hcp`` chunk).
 
-    Written under a temporary name and renamed, so a reader never sees half an image.
+    Written through :func:`~hcp_core.fileio.atomic_write`: a reader never sees half an image,
+    and a full disk is a :class:`~hcp_core.fileio.FileWriteError` naming ``path``.
     """
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)  # non-Latin-1 text goes into an iTXt chunk
     if record is not None:
         info.add_text(HCP_KEY, json.dumps(record, ensure_ascii=False, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=str(path.parent))
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_text(path: str | os.PathLike) -> Dict[str, str]:

@@ -18,13 +18,13 @@ reader never sees half a file.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..errors import DataError
+from ..fileio import atomic_write
 
 #: File suffixes a folder of custom words is scanned for.
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
@@ -76,9 +76,16 @@ def _as_vectors(value: Any, path: Path, what: str = "") -> torch.Tensor:
         raise EmbeddingFileError(f"custom word file {where}: expected a tensor, got {type(value).__name__}")
     if value.dim() == 1:  # one vector saved without its row axis (diffusers' learned_embeds.bin)
         value = value.unsqueeze(0)
-    if value.dim() != 2 or value.shape[0] < 1 or not value.is_floating_point():
+    if value.dim() != 2 or value.numel() == 0 or not value.is_floating_point():
         raise EmbeddingFileError(
-            f"custom word file {where}: expected float vectors of shape [N, dim], got {value.dtype} {tuple(value.shape)}"
+            f"custom word file {where}: expected float vectors of shape [N, dim] (N, dim at least 1), "
+            f"got {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        bad = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+        raise EmbeddingFileError(
+            f"custom word file {where} holds {bad} values (saved from a diverged run); "
+            "use an earlier export or create the word again with 'hcp tools create-embedding'"
         )
     return value.detach().to(torch.float32).contiguous()
 
@@ -107,7 +114,8 @@ def _single_vectors(data: Any, path: Path) -> torch.Tensor:
     if len(tensors) != 1:
         keys = ", ".join(map(str, list(data)[:6]))
         raise EmbeddingFileError(
-            f"custom word file {path}: expected one tensor (or the A1111 'string_to_param' layout), found keys {keys}"
+            f"custom word file {path}: expected one tensor (or the A1111 'string_to_param' layout), "
+            + (f"found keys {keys}" if keys else "found an empty file")
         )
     return tensors[0]
 
@@ -173,10 +181,8 @@ def write_embedding(
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".bin"):
         raise ValueError(f"{path}: custom words are written as .pt or .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -192,10 +198,8 @@ def write_embedding(
                 "sd_checkpoint": None,
                 "sd_checkpoint_name": model,
             }, tmp)  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write)
     return path
 
 

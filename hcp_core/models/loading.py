@@ -96,19 +96,7 @@ def load_models(
 # --------------------------------------------------------------------------- diffusers folders
 def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
     """Load each part of a diffusers SD or SDXL folder with its own class."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    index = _read_model_index(path)
-    sdxl = is_sdxl_index(index)
-    for part in SDXL_PARTS if sdxl else SD_PARTS:
-        _check_part(path, part, index)
-
-    # DDPM whatever sampler the folder ships: config keys meant for other samplers are dropped quietly.
-    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
-               "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}  # fmt: skip
-    if sdxl:  # SDXL's second encoder has the projection its pooled text embedding needs
-        classes.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer)
+    classes = _folder_classes(path)
     extra: Dict[str, Dict[str, Any]] = {
         name: {"variant": _weights_variant(path / name)}
         for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in classes
@@ -119,11 +107,89 @@ def _load_folder(path: Path, prediction_type: Optional[str]) -> Dict[str, Any]:
         try:
             parts[part] = cls.from_pretrained(str(path / part), local_files_only=True, **extra.get(part, {}))
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # corrupt or incomplete part
-            raise ModelLoadError(
-                f"could not load the {part} of '{path}' from '{path / part}': {err}. "
-                f"The {part}/ folder may be incomplete; copy it again from the model's source."
-            ) from err
+            raise _part_error(path, part, err) from err
     return parts
+
+
+def _part_error(path: Path, part: str, err: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load the {part} of '{path}' from '{path / part}': {err}. "
+        f"The {part}/ folder may be incomplete; copy it again from the model's source."
+    )
+
+
+def _folder_classes(path: Path) -> Dict[str, Any]:
+    """Part name -> the class that loads it, for the diffusers folder ``path`` (checked complete)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = _read_model_index(path)
+    sdxl = is_sdxl_index(index)
+    for part in SDXL_PARTS if sdxl else SD_PARTS:
+        _check_part(path, part, index)
+    # DDPM whatever sampler the folder ships: config keys meant for other samplers are dropped quietly.
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}  # fmt: skip
+    if sdxl:  # SDXL's second encoder has the projection its pooled text embedding needs
+        classes.update(text_encoder_2=CLIPTextModelWithProjection, tokenizer_2=CLIPTokenizer)
+    return classes
+
+
+def load_model_skeleton(
+    pretrained: Union[str, Path],
+    *,
+    prediction_type: Optional[str] = None,
+    config: Optional[Union[str, Path]] = None,
+) -> Optional[ModelBundle]:
+    """The model at ``pretrained`` built from its configs on the ``meta`` device: every layer,
+    name and shape, but no weight read (``hcp check`` selects layers on it in a second).
+
+    Tokenizers and the scheduler are real (small files). A single-file checkpoint is described by
+    its ``config`` folder; without one, None (its architecture is only known by reading it).
+    Errors are the :class:`ModelLoadError` that :func:`load_models` would raise for the same
+    missing folder or broken config.
+    """
+    import torch
+
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        raise ModelLoadError(_missing_message(str(pretrained)))
+    if not path.is_dir():
+        if config is None:
+            return None
+        if not (Path(config) / "model_index.json").is_file():
+            raise ModelLoadError(f"config '{config}' for '{path}' is not a diffusers folder (no model_index.json).")
+        path = Path(config)
+    parts: Dict[str, Any] = {}
+    for part, cls in _folder_classes(path).items():
+        where = str(path / part)
+        try:
+            if part.startswith("tokenizer"):
+                parts[part] = cls.from_pretrained(where, local_files_only=True)
+            elif part == "scheduler":
+                kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+                parts[part] = cls.from_config(cls.load_config(where), **kwargs)
+            elif hasattr(cls, "load_config"):  # diffusers models
+                with torch.device("meta"):
+                    parts[part] = cls.from_config(cls.load_config(where))
+            else:  # transformers models
+                from transformers import AutoConfig
+
+                model_config = AutoConfig.from_pretrained(where, local_files_only=True)
+                with torch.device("meta"):
+                    parts[part] = cls(model_config)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise _part_error(path, part, err) from err
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in parts:
+            parts[name].requires_grad_(False)
+            parts[name].eval()
+    return ModelBundle(
+        unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"], text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+        kind="sdxl" if "text_encoder_2" in parts else "sd", source=str(Path(pretrained)),
+        prediction_type=parts["scheduler"].config.prediction_type,
+    )
 
 
 def is_sdxl_index(index: Dict[str, Any]) -> bool:

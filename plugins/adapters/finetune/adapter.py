@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from hcp_core.errors import ConfigError
+from hcp_core.fileio import atomic_write
 from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.layer_select import select_modules
 
@@ -68,5 +69,5 @@ class FinetuneAdapter:
         name = "finetune.safetensors" if step is None else f"finetune-{step}.safetensors"
         path = Path(out_dir) / name
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.params.items()}
-        save_file(tensors, str(path), metadata={"format": "hcp-finetune", "base_model": models.source})
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "hcp-finetune", "base_model": models.source}))
         return [str(path)]

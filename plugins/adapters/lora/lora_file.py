@@ -1,6 +1,7 @@
 """Read and write LoRA .safetensors files in either layout, and match them to a model's layers."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Mapping, Optional, Tuple
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from hcp_core.errors import UserError, did_you_mean
+from hcp_core.fileio import atomic_write
 
 from . import kohya_format, peft_format
 from .naming import dotted_table, kohya_table
@@ -34,7 +36,13 @@ class LoraFile:
 
 
 def read_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Load a kohya- or PEFT-layout LoRA file (float32 tensors)."""
+    """Load a kohya- or PEFT-layout LoRA file (float32 tensors), validated.
+
+    This is the one way hcp reads LoRA files (``hcp generate --lora``, ``merge-lora``,
+    ``init_from``), so every reader gets the same checks (:func:`validate_lora_tensors`,
+    :func:`validate_lora_layer`): a broken file is a :class:`LoraFileError` naming it and the
+    key, never a traceback or a NaN image.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
@@ -44,16 +52,74 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise LoraFileError(f"{path}: not a readable .safetensors file ({exc})") from None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise LoraFileError(
+            f"{path}: not a readable .safetensors file ({str(exc).strip() or type(exc).__name__}); "
+            "it may be truncated, or another format (LoRA files are .safetensors): download or export it again"
+        ) from None
+    validate_lora_tensors(path, tensors)
+    tensors = {k: v.float() for k, v in tensors.items()}
     if kohya_format.is_kohya(tensors):
-        return LoraFile(path, "kohya", kohya_format.from_kohya(tensors, source=path), metadata)
-    if peft_format.is_peft(tensors):
-        return LoraFile(path, "peft", peft_format.from_peft(tensors, metadata, source=path), metadata)
-    raise LoraFileError(
-        f"{path}: no LoRA weights found (expected '*.lora_down.weight' kohya keys or '*.lora_A.weight' PEFT keys)"
-    )
+        layout, parse = "kohya", lambda: kohya_format.from_kohya(tensors, source=path)
+        keys = (kohya_format.DOWN, kohya_format.UP)
+    elif peft_format.is_peft(tensors):
+        layout, parse = "peft", lambda: peft_format.from_peft(tensors, metadata, source=path)
+        keys = (peft_format.A, peft_format.B)
+    else:
+        raise LoraFileError(
+            f"{path}: no LoRA weights found (expected '*.lora_down.weight' kohya keys or '*.lora_A.weight' PEFT keys)"
+        )
+    try:
+        weights = parse()
+    except (ValueError, TypeError) as exc:  # PEFT metadata that is not JSON, an alpha that is not a number
+        raise LoraFileError(f"{path}: unreadable LoRA metadata ({exc}); export the file again") from None
+    for name, layer in weights.items():
+        validate_lora_layer(path, name, layer, down_key=name + keys[0], up_key=name + keys[1])
+    return LoraFile(path, layout, weights, metadata)
+
+
+def validate_lora_tensors(source: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every tensor of a LoRA file is floating point and finite; every ``*.alpha`` is one finite number.
+
+    Raises :class:`LoraFileError` naming ``source`` and the first bad key.
+    """
+    for key, tensor in tensors.items():
+        if key.endswith(kohya_format.ALPHA):
+            if tensor.numel() != 1:
+                raise LoraFileError(
+                    f"{source}: '{key}' must be a single number (scale = alpha / rank), got shape {tuple(tensor.shape)}"
+                )
+            tensor = tensor.float()  # some exporters store an integer alpha, which is fine
+        elif not tensor.is_floating_point():
+            raise LoraFileError(
+                f"{source}: '{key}' has dtype {str(tensor.dtype).removeprefix('torch.')}; LoRA weights must be "
+                "floating point (float32, float16 or bfloat16). The file is not a LoRA export, or a broken one."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+            raise LoraFileError(
+                f"{source}: '{key}' holds {bad} values; the LoRA was saved from a diverged run. "
+                "Use an earlier checkpoint's file."
+            )
+
+
+def validate_lora_layer(source: str, name: str, weights: LoraWeights, *, down_key: str, up_key: str) -> None:
+    """One layer's factors fit each other: ``down`` [r, in] / [r, in, kh, kw], ``up`` [out, r] /
+    [out, r, 1, 1], rank at least 1, a finite alpha. Raises :class:`LoraFileError` naming the key."""
+    down, up = tuple(weights.down.shape), tuple(weights.up.shape)
+    if len(down) not in (2, 4) or 0 in down:
+        raise LoraFileError(
+            f"{source}: '{down_key}' has shape {down}; a LoRA down factor is [rank, in] (or [rank, in, kh, kw] for a convolution)"
+        )
+    expected = f"[out, {down[0]}]" if len(down) == 2 else f"[out, {down[0]}, 1, 1]"
+    if len(up) != len(down) or 0 in up or up[1] != down[0] or up[2:] not in ((), (1, 1)):
+        raise LoraFileError(
+            f"{source}: '{up_key}' has shape {up} but '{down_key}' has shape {down} (rank {down[0]}); "
+            f"the up factor must be {expected}. The file is damaged or not a plain LoRA."
+        )
+    if not math.isfinite(weights.alpha):
+        raise LoraFileError(f"{source}: layer '{name}' has alpha = {weights.alpha}; alpha must be a finite number")
 
 
 def match_layers(lora: LoraFile, parts: Mapping[str, nn.Module], kind: str = "sd") -> LayerWeights:
@@ -113,8 +179,6 @@ def write_lora_file(
         k: v.detach().to("cpu", torch_dtype if v.dim() else torch.float32).contiguous() for k, v in tensors.items()
     }
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    # Never a half-written file under the final name; mode 0644 under umask 022.
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path

@@ -185,3 +185,58 @@ def test_batch_size_larger_than_the_data_repeats_images(tmp_path):
                                                      "sources": [{"type": "image_folder", "img_root": "a"}]}}))
     batch = data.next_batches()["ds"]
     assert batch["pixel_values"].shape[0] == 5 and len(set(batch["images"])) == 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loading_never_draws_from_the_global_rngs(tmp_path, num_workers):
+    """Dropout uses the global torch RNG: building iterators (at step 0, each epoch, on resume)
+    must leave it alone, or a resumed run draws other masks than the uninterrupted one."""
+    import random
+
+    import numpy as np
+
+    make_folder(tmp_path / "a", 5)
+    p = pipeline(tmp_path, {"ds": {"batch_size": 2, "num_workers": num_workers, "bucket": {**RATIO, "crop": "random"},
+                                   "sources": [{"type": "image_folder", "img_root": "a", "text_transforms": [{"type": "tag_shuffle"}]}]}})
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    data = build_train_data(p)
+    for _ in range(7):  # three epochs: a new iterator for each
+        data.next_batches()
+    resumed = build_train_data(p)
+    resumed.load_state_dict(data.state_dict())
+    resumed.next_batches()
+    data.close(), resumed.close()
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
+
+
+def test_worker_seeds_are_keyed_on_seed_dataset_and_epoch(tmp_path):
+    from hcp_core.data.loader import loader_seed
+
+    make_folder(tmp_path / "a", 4)
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 2, "num_workers": 1, "bucket": RATIO,
+                                                       "sources": [{"type": "image_folder", "img_root": "a"}]}}, seed=3))
+    stream = data.streams["ds"]
+    data.next_batches()
+    assert stream._generator.initial_seed() == loader_seed(3, "ds", 0)
+    for _ in range(stream.batches_per_epoch):
+        data.next_batches()
+    assert stream._generator.initial_seed() == loader_seed(3, "ds", 1)
+    assert len({loader_seed(3, "ds", 0), loader_seed(3, "ds", 1), loader_seed(4, "ds", 0), loader_seed(3, "reg", 0)}) == 4
+    data.close()
+
+
+def test_more_workers_than_cpus_are_capped_with_one_warning(tmp_path, caplog):
+    import os
+
+    make_folder(tmp_path / "a", 4)
+    cpus = os.cpu_count() or 1
+    ds = {"batch_size": 2, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]}
+    p = pipeline(tmp_path, {"ds": {**ds, "num_workers": cpus + 7}, "reg": {**ds, "num_workers": 1000}, "ok": {**ds, "num_workers": 0}})
+    with caplog.at_level(logging.WARNING, logger="hcp.data"):
+        data = build_train_data(p)
+    assert {name: s.num_workers for name, s in data.streams.items()} == {"ds": cpus, "reg": cpus, "ok": 0}
+    capped = [r.getMessage() for r in caplog.records if "num_workers" in r.getMessage()]
+    assert len(capped) == 1 and f"data.ds ({cpus + 7})" in capped[0] and "data.reg (1000)" in capped[0]
+    assert f"using {cpus}" in capped[0]

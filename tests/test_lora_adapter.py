@@ -35,9 +35,9 @@ def test_groups_become_parameter_groups_and_change_nothing_at_step0(demo_model_d
     ]  # fmt: skip
     assert all(p.requires_grad for g in groups for p in g["params"])
     layers = adapter.layers
-    # Float rank: 0.25 of each layer's output channels.
+    # Float rank: 0.25 of each layer's output channels (64 here), capped to what a 32 -> 256 layer can use.
     geglu = layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"]
-    assert geglu.host.out_features == 256 and geglu.branch.rank == 64
+    assert geglu.host.out_features == 256 and geglu.branch.requested_rank == 64 and geglu.branch.rank == 32
     assert layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"].branch.rank == 32 // 4
     conv = layers["unet.down_blocks.0.resnets.0.conv1"]
     assert isinstance(conv.host, torch.nn.Conv2d) and conv.branch.down.kernel_size == (3, 3)

@@ -167,3 +167,67 @@ def test_svd_init_keeps_step0_output_and_export_reproduces_training_on_the_origi
 
     detach_branch(host)  # back to the original weight
     torch.testing.assert_close(host.weight, original.weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "host, most",
+    [
+        (nn.Linear(12, 5), 5),
+        (nn.Linear(3, 40), 3),
+        (nn.Conv2d(2, 30, 3, padding=1), 18),  # the update is a 30 x (2 * 3 * 3) matrix
+        (nn.Conv2d(16, 4, 1), 4),
+    ],
+)
+def test_a_rank_beyond_the_layer_is_capped_and_the_output_unchanged(host, most):
+    from hcp_plugins.adapters.lora.layer import max_rank
+
+    assert max_rank(host) == most
+    branch = LoraBranch(host, rank=100_000, alpha=8.0)
+    assert (branch.requested_rank, branch.rank) == (100_000, most)
+    assert branch.down.weight.shape[0] == most and branch.up.weight.shape[1] == most
+    assert branch.scale == pytest.approx(8.0 / most)
+    _randomise(branch)
+    # Capped or not, the delta spans the same matrices: it still has full rank, no more.
+    assert torch.linalg.matrix_rank(branch.delta_weight().reshape(branch.delta_weight().shape[0], -1)) == most
+
+
+def test_capped_layers_are_summarised_in_one_warning(caplog):
+    from hcp_plugins.adapters.lora.layer import warn_capped_ranks
+
+    layers = {"a": LoraBranch(nn.Linear(4, 4), 8, 1.0), "b": LoraBranch(nn.Linear(64, 64), 8, 1.0),
+              "c": LoraBranch(nn.Conv2d(1, 9, 1), 8, 1.0)}
+    with caplog.at_level("WARNING"):
+        assert warn_capped_ranks(layers) == 2
+    records = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(records) == 1 and "2 of 3 LoRA layers" in records[0].getMessage()
+    assert "a: rank 8 -> 4" in records[0].getMessage()
+    caplog.clear()
+    assert warn_capped_ranks({"b": layers["b"]}) == 0 and not caplog.records
+
+
+def test_a_huge_rank_trains_and_exports_each_layer_at_its_own_size(tmp_path, demo_model_dir, demo_data_dir):
+    import hcp_core
+    from safetensors.torch import load_file
+
+    from hcp_plugins.adapters.lora.config import MAX_RANK
+    from train_support import pipeline_toml, write_pipeline
+
+    # The largest rank the config accepts: far beyond every layer of the demo model.
+    adapters = f"""
+[[lora_unet]]
+lr = 1e-3
+rank = {MAX_RANK}
+layers = ['re:.*\\.attn2$', 'down_blocks.0.resnets.0.conv1']
+"""
+    exp = tmp_path / "exp"
+    cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, adapters=adapters, max_steps=1))
+    hcp_core.run(hcp_core.load_config(cfg))
+    weights = load_file(str(exp / "lora.safetensors"))
+    downs = {k[: -len(".lora_down.weight")]: v for k, v in weights.items() if k.endswith(".lora_down.weight")}
+    assert any(v.dim() == 4 and v.shape[2:] == (3, 3) for v in downs.values()), "the conv layer is missing"
+    for layer, down in downs.items():
+        up = weights[f"{layer}.lora_up.weight"]
+        assert down.shape[0] == up.shape[1] == min(down[0].numel(), up.shape[0]), layer
+    # The file holds the factors and little else: no 100000-row matrices.
+    stored = sum(v.numel() * v.element_size() for v in weights.values())
+    assert (exp / "lora.safetensors").stat().st_size < stored + 64 * 1024

@@ -13,11 +13,19 @@ Typical use in the engine::
 
 Each dataset keeps its own epoch: when one runs out of batches it starts its next epoch
 (reshuffled from the seed) while the others carry on.
+
+Loading never touches the global RNGs (torch, ``random``, numpy): batch order, crops and prompt
+edits are keyed on (seed, dataset, epoch, sample), and each DataLoader draws its worker seeds
+from its own generator keyed on (seed, dataset, epoch). So whether the loop built its iterators
+at step 0 or at a resumed step, the global RNG that LoRA dropout uses is the same.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import zlib
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 import torch
@@ -44,12 +52,16 @@ class DataStream:
         *,
         num_workers: int = 0,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.collate = collate
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
+        # Only the DataLoader's worker base seed comes from here (see loader_seed).
+        self._generator = torch.Generator()
         self.epoch = 0
         self.batch = 0  # index (this rank) of the next batch within the epoch
         self._loader: Optional[torch.utils.data.DataLoader] = None
@@ -68,6 +80,8 @@ class DataStream:
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
+            # Without its own generator, every iter() would draw from the global torch RNG.
+            generator=self._generator,
         )
 
     def __iter__(self) -> "DataStream":
@@ -80,6 +94,7 @@ class DataStream:
                     self._loader = self._make_loader()
                 # The sampler is iterated in this process, so setting it here is what workers see.
                 self.sampler.set_position(self.epoch, self.batch)
+                self._generator.manual_seed(loader_seed(self.seed, self.dataset.name, self.epoch))
                 self._iter = iter(self._loader)
             try:
                 batch = next(self._iter)
@@ -94,17 +109,33 @@ class DataStream:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to restore the exact position: epoch, next batch, and a size check."""
-        return {"epoch": self.epoch, "batch": self.batch, "samples": len(self.dataset), "batches_per_epoch": len(self.sampler)}
+        return {"epoch": self.epoch, "batch": self.batch, "samples": len(self.dataset), "batches_per_epoch": len(self.sampler),
+                "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        """A digest of what the dataset trains on: each image's path, caption, mask and repeat."""
+        digest = hashlib.sha256()
+        for r in self.dataset.records:
+            digest.update(json.dumps([r.image, r.caption, r.mask, r.repeat]).encode())
+        return digest.hexdigest()[:16]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a saved position. If the data changed since, keep the epoch and warn."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        if state.get("samples", len(self.dataset)) != len(self.dataset) or batch > len(self.sampler):
-            log.warning(
-                "data.%s: the data changed since the checkpoint (%s samples then, %d now); "
-                "continuing from the start of epoch %d", self.dataset.name, state.get("samples"), len(self.dataset), epoch,
-            )
-            batch = 0
+        changes = []
+        if state.get("samples", len(self.dataset)) != len(self.dataset):
+            changes.append(f"{state['samples']} samples per epoch then, {len(self.dataset)} now")
+        if state.get("batches_per_epoch", len(self.sampler)) != len(self.sampler):
+            changes.append(f"{state['batches_per_epoch']} batches per epoch then, {len(self.sampler)} now")
+        if state.get("fingerprint", self.fingerprint()) != self.fingerprint():
+            changes.append("images, captions, masks or repeats differ")
+        if changes:
+            moved = batch > len(self.sampler) or state.get("batches_per_epoch", len(self.sampler)) != len(self.sampler)
+            where = f"the start of epoch {epoch}" if moved else f"batch {batch} of epoch {epoch}"
+            log.warning("data.%s: the data changed since the checkpoint (%s); continuing from %s; the run is no "
+                        "longer the same as an uninterrupted one", self.dataset.name, "; ".join(changes), where)
+            if moved:
+                batch = 0
         self.epoch, self.batch = epoch, batch
         self.close()
 
@@ -112,6 +143,26 @@ class DataStream:
         """Stop workers; the next batch starts a fresh loader at the current position."""
         self._iter = None
         self._loader = None
+
+
+def loader_seed(seed: int, name: str, epoch: int) -> int:
+    """The seed of a dataset's DataLoader generator in ``epoch`` (its workers' base seed derives from it)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 8_191 + epoch) % 2**63
+
+
+def cap_num_workers(requested: Mapping[str, int], cpus: Optional[int] = None) -> Dict[str, int]:
+    """Each dataset's ``num_workers``, at most the CPU count; one warning names those capped.
+
+    More workers than CPUs only adds processes (and their memory) competing for the same cores.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    capped = {name: n for name, n in requested.items() if n > cpus}
+    if capped:
+        log.warning(
+            "num_workers above the %d CPUs of this machine, using %d: %s", cpus, cpus,
+            ", ".join(f"data.{name} ({n})" for name, n in capped.items()),
+        )
+    return {name: min(n, cpus) for name, n in requested.items()}
 
 
 class TrainData:
@@ -196,11 +247,12 @@ def build_train_data(
     streams: Dict[str, DataStream] = {}
     prepared_all: Dict[str, PreparedDataset] = {}
     caches: Dict[str, LatentCache] = {}
+    workers = cap_num_workers({name: config.num_workers for name, config in pipeline.data.items()})
     for name, config in pipeline.data.items():
         prepared = prepare_dataset(
             name,
             config,
-            registry=registry,
+            registry=registry if registry is not None else pipeline.registry,
             base_dir=pipeline.base_dir,
             seed=pipeline.seed,
             verify_images=verify_images,
@@ -213,7 +265,8 @@ def build_train_data(
         sampler = BucketBatchSampler(
             dataset.bucket_members(), config.batch_size, seed=pipeline.seed, name=name, rank=rank, world_size=world_size
         )
-        streams[name] = DataStream(dataset, sampler, Collate(name, config.loss_weight), num_workers=config.num_workers, pin_memory=pin_memory)
+        streams[name] = DataStream(dataset, sampler, Collate(name, config.loss_weight), num_workers=workers[name],
+                                   pin_memory=pin_memory, seed=pipeline.seed)
         prepared_all[name] = prepared
         cache = _latent_cache(name, config, prepared, pipeline)
         if cache is not None:

@@ -23,7 +23,7 @@ from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.layer_select import LayerSelectionError, select_layers
 
 from .config import LoraGroupConfig, LoraOptions
-from .layer import LoraBranch, attach_branch, detach_branch, rank_for
+from .layer import LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
 from .lora_file import LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
 from .naming import canonical_path, kohya_prefix
 from .svd import export_factors, max_svd_rank, restore_svd_start, svd_init
@@ -61,9 +61,10 @@ def options_from(value: Any) -> LoraOptions:
     if not isinstance(value, Mapping):
         raise ConfigError(f"lora: expected a table, got {value!r}")
     from hcp_core.config import convert
-    from hcp_core.plugins import get_registry
+    from hcp_core.registry import Registry
 
-    return convert.structure(convert.make_converter(get_registry()), dict(value), LoraOptions, "lora")
+    # LoraOptions names no component, so an empty registry structures it (no process-wide state).
+    return convert.structure(convert.make_converter(Registry()), dict(value), LoraOptions, "lora")
 
 
 class LoraAdapter:
@@ -110,6 +111,7 @@ class LoraAdapter:
             self.detach()
             raise
         self._warn_unused(seeded_from)
+        warn_capped_ranks({name: layer.branch for name, layer in self.layers.items()})
         return param_groups
 
     def _attach_group(
@@ -147,7 +149,7 @@ class LoraAdapter:
         self, target: str, name: str, host: nn.Module, group: LoraGroupConfig, seed: Optional[LoraWeights]
     ) -> LoraBranch:
         if seed is not None:  # continue from a file: its rank and alpha win
-            branch = LoraBranch(host, seed.rank, seed.alpha, group.dropout)
+            branch = LoraBranch(host, seed.rank, seed.alpha, group.dropout, cap=False)
             with torch.no_grad():
                 branch.down.weight.copy_(seed.down)
                 branch.up.weight.copy_(seed.up)

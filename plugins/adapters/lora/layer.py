@@ -8,14 +8,25 @@ and every LoRA file format assume).
 The branch is registered *inside* its host (as ``host.hcp_lora``) so that moving the model
 (``.to(device)``, DDP, accelerate) moves and synchronises it too, and it runs through a forward
 hook so the host keeps its class and its parameter names.
+
+A rank above what the host can use (:func:`max_rank`) is capped: the update ``up @ down`` of a
+layer cannot have a higher rank than its weight matrix's smaller side, so more only costs memory.
+
+Dropout draws from the global torch RNG on purpose: ``torch.utils.checkpoint`` (gradient
+checkpointing) restores that RNG when it recomputes a forward, so the recomputed masks match the
+original ones; a private generator would not be restored. Resume stays exact because the data
+loader never draws from the global RNG and checkpoints save and restore it.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: Attribute name of the branch inside its host.
 BRANCH_ATTR = "hcp_lora"
@@ -37,17 +48,46 @@ def host_shape(host: nn.Module) -> Tuple[int, int]:
     raise TypeError(f"LoRA needs an nn.Linear or nn.Conv2d, got {type(host).__name__}")
 
 
+def max_rank(host: nn.Module) -> int:
+    """The highest rank a LoRA on ``host`` can use: the smaller side of its weight as a matrix.
+
+    ``min(in_features, out_features)`` for a Linear, ``min(in_channels / groups * kh * kw,
+    out_channels)`` for a Conv2d (whose update is an ``out x (in * kh * kw)`` matrix).
+    """
+    in_ch, out_ch = host_shape(host)
+    if isinstance(host, nn.Conv2d):
+        kh, kw = host.kernel_size
+        return min(in_ch // host.groups * kh * kw, out_ch)
+    return min(in_ch, out_ch)
+
+
+def warn_capped_ranks(layers: Mapping[str, "LoraBranch"]) -> int:
+    """Log one warning summarising the layers (name -> branch) whose rank was capped; returns their count."""
+    capped = {name: b for name, b in layers.items() if b.rank < b.requested_rank}
+    if capped:
+        name, example = next(iter(capped.items()))
+        log.warning(
+            "%d of %d LoRA layers cannot use the rank asked for; each uses the size of its layer instead "
+            "(e.g. %s: rank %d -> %d)", len(capped), len(layers), name, example.requested_rank, example.rank,
+        )
+    return len(capped)
+
+
 class LoraBranch(nn.Module):
     """The trainable low-rank part; see the module docstring for the formula."""
 
     #: Tells layer selection not to look inside (see hcp_core.models.layer_select).
     hcp_adapter_branch = True
 
-    def __init__(self, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, host: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *, cap: bool = True) -> None:
         super().__init__()
         in_ch, out_ch = host_shape(host)
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
+        #: What was asked for; ``rank`` is that capped to :func:`max_rank` (see warn_capped_ranks).
+        #: ``cap=False`` keeps a rank read from a file, so continuing from it is exact.
+        self.requested_rank = rank
+        rank = min(rank, max_rank(host)) if cap else rank
         self.rank = rank
         self.alpha = float(alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

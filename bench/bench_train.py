@@ -15,7 +15,7 @@ AdamW (lr 1e-4, weight decay 0.01), fp32 on the CPU.
 * ``minimal``: freeze everything, wrap those Linear layers in a tiny LoRA module, then per step
   load the image -> VAE encode (sample) -> noise + timestep -> text encode -> UNet -> MSE ->
   backward -> AdamW step. No framework.
-* ``hcp``: ``hcp_core.load_config`` + ``Trainer.setup()`` + ``Trainer.train()`` on an equivalent
+* ``hcp``: ``hcp_core.load_config`` + ``build_run()`` + ``train()`` on an equivalent
   pipeline TOML (``[[lora_unet]] layers = ['re:.*\\.attn.?$']``, fixed 256x256 bucket), with
   ``train.max_grad_norm = 0`` because the minimal loop does not clip.
 * ``hcp-cached``: the same with ``cache_latents = true``: the VAE encodes each image once in
@@ -26,7 +26,7 @@ alike: each variant lives in its own process (so its peak memory is its own), an
 lets one process at a time run exactly one step, round after round, rotating who goes first.
 Step time is measured inside each process from "go" to the end of its optimizer step (for hcp,
 a stand-in for ``trainer.lr_scheduler`` whose ``step`` stops the clock, so everything
-``Trainer.train`` does per step is counted). The first ``--warmup`` rounds are dropped (the
+``train`` does per step is counted). The first ``--warmup`` rounds are dropped (the
 first step also pages the memory-mapped weights in). Reported: median wall and CPU seconds per
 step (CPU time of the process, all threads: less disturbed by other jobs than wall time), minor
 page faults per step, the ratio of medians and the median of the per-round ratios (each step
@@ -318,30 +318,34 @@ def after(fn: Callable[..., Any], clock: StepClock, part: str) -> Callable[..., 
     return timed
 
 
-def time_hcp_parts(trainer: Any, clock: StepClock) -> None:
-    """Mark the ends of PARTS inside ``Trainer.train`` (instance attributes and a forward hook only)."""
+def time_hcp_parts(run: Any, clock: StepClock) -> Any:
+    """Mark the ends of PARTS inside ``loop.train``; returns the run with timed parts."""
+    import attrs
+    from hcp_core.train import loop
+
     # The step starts with the previous step's zero_grad/logging and next_batches; then latents_of.
-    trainer.latents_of = after(trainer.latents_of, clock, PARTS[0])
-    trainer.prompt_encoder = after(trainer.prompt_encoder, clock, PARTS[1])
-    trainer.unet.register_forward_hook(lambda *_: clock.mark(PARTS[2]))
-    trainer.accelerator.backward = after(trainer.accelerator.backward, clock, PARTS[3])
-    trainer.lr_scheduler = TimedScheduler(trainer.lr_scheduler, clock)
+    loop.latents_of = after(loop.latents_of, clock, PARTS[0])
+    run.models.unet.register_forward_hook(lambda *_: clock.mark(PARTS[2]))
+    run.accelerator.backward = after(run.accelerator.backward, clock, PARTS[3])
+    return attrs.evolve(run, prompt_encoder=after(run.prompt_encoder, clock, PARTS[1]),
+                        lr_scheduler=TimedScheduler(run.lr_scheduler, clock))
 
 
 def hcp_worker(args: argparse.Namespace, clock: StepClock) -> None:
-    """hcp's own ``Trainer`` on the equivalent pipeline, timed from the outside (``time_hcp_parts``)."""
+    """hcp's own run on the equivalent pipeline, timed from the outside (``time_hcp_parts``)."""
     import hcp_core
-    from hcp_core.train.runner import Trainer
+    from hcp_core.train.runner import build_run, train
 
     exp_dir = Path(args.work) / f"exp-{args.worker}"
     toml = Path(args.work) / f"{args.worker}.toml"
     toml.write_text(pipeline_toml(args.model, args.data, str(exp_dir), steps=args.total_steps,
                                   cached=args.worker == "hcp-cached", seed=args.seed))
-    trainer = Trainer(hcp_core.load_config(toml))
-    trainer.setup()
-    time_hcp_parts(trainer, clock)
-    clock.begin(trainable=sum(p.numel() for p in trainer.trained_params))
-    trainer.train()
+    run = time_hcp_parts(build_run(hcp_core.load_config(toml), overwrite=True), clock)
+    clock.begin(trainable=sum(p.numel() for p in run.trained_params))
+    try:
+        train(run)
+    finally:
+        run.close()
     clock.finish()
 
 

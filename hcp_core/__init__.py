@@ -22,11 +22,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config.schema import Pipeline
 
 
-def run(config: "Pipeline", *, resume: Optional[str] = None) -> Any:
+def run(config: "Pipeline", *, resume: Optional[str] = None, overwrite: bool = False) -> Any:
     """Train ``config`` (a :class:`~hcp_core.config.schema.Pipeline`); see :func:`hcp_core.train.runner.run`."""
     from .train.runner import run as _run
 
-    return _run(config, resume=resume)
+    return _run(config, resume=resume, overwrite=overwrite)
 
 
 __all__ = ["ConfigError", "DataError", "UserError", "build_pipeline", "hookimpl", "load_config", "pipeline_to_dict", "run"]

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .errors import UserError
+from .errors import RunStopped, UserError
 
 EPILOG = "Docs: README.md. A user error exits with status 2; add --debug for a traceback."
 
@@ -23,15 +23,19 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _resume_arg(args: argparse.Namespace) -> None:
     # `--resume` takes an optional path; an override typed right after it is not a path.
     if args.resume and "=" in args.resume and args.resume != "latest":
         args.overrides.append(args.resume)
         args.resume = "latest"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _resume_arg(args)
     pipeline = _load(args)
     from .train.runner import run
 
-    run(pipeline, resume=args.resume)
+    run(pipeline, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -44,30 +48,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    _resume_arg(args)
     pipeline = _load(args)
+    if args.resume:
+        from .train.checkpoint import resolve_resume
+
+        resolve_resume(pipeline.exp_dir, args.resume)
     print(f"config OK: {args.config}")
-    from .data.report import check_pipeline
+    from .train.preflight import check_pipeline
 
     ok = check_pipeline(pipeline, out=sys.stdout)
     return 0 if ok else 2
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_registry, report_failures
-    from .registry import FAMILIES
+    from .plugins import get_registry, plugin_listing
 
-    from .plugins import blocked_plugins
-
-    reg = get_registry()
-    for name, (dist, version, module) in sorted(reg.plugins.items()):
-        print(f"{name} ({dist or 'not installed'} {version or ''}".rstrip() + f") [{module}]")
-        for family in FAMILIES:
-            comps = [c.name for c in reg.families[family] if c.plugin == name]
-            if comps:
-                print(f"  {family}: {', '.join(comps)}")
-    report_failures(reg, sys.stdout)
-    for name in sorted(blocked_plugins()):
-        print(f"{name}: blocked by HCP_BLOCK_PLUGINS")
+    print("\n".join(plugin_listing(get_registry())))
     return 0
 
 
@@ -114,9 +111,12 @@ TOOLS: Dict[str, tuple[str, str]] = {
 
 
 def _lora_arg(text: str):
-    from .generation.params import parse_lora_spec
+    from .generation.params import LoraSpecError, parse_lora_spec
 
-    return parse_lora_spec(text)
+    try:
+        return parse_lora_spec(text)
+    except LoraSpecError as exc:  # argparse shows its own message, not "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _scheduler_names() -> List[str]:
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in exp_dir, or from the given one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an exp_dir that holds another run, moving that run to <exp_dir>.old-<time>")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="print the merged, resolved pipeline as TOML")
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a pipeline and its data without training")
     _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="also check that this checkpoint (default: the latest in exp_dir) exists")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="generate images (LoRA, custom words, CLIP skip); parameters go into each PNG",
@@ -198,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``hcp`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow options (`hcp run p.toml --resume seed=3`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as exc:
@@ -206,6 +215,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"hcp: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"hcp: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("hcp: interrupted", file=sys.stderr)
         return 130

@@ -32,3 +32,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class RunStopped(KeyboardInterrupt):
+    """A run stopped on a signal (Ctrl-C, SIGTERM, SIGHUP) after saving a checkpoint.
+
+    A ``KeyboardInterrupt`` so library code's ``except Exception`` does not swallow it; the CLI
+    prints the message and exits with ``exit_code`` (128 + the signal number, as shells do).
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

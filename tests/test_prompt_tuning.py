@@ -27,7 +27,7 @@ from hcp_core.models.custom_words import (
 )
 from hcp_core.models.loading import load_models
 from hcp_core.models.text_encoding import PromptEncoder
-from hcp_core.train.runner import Trainer
+from hcp_core.train.runner import build_run, train
 from hcp_plugins.adapters.prompt_tuning.adapter import PromptTuningAdapter
 from hcp_plugins.adapters.prompt_tuning.config import PromptTuningConfig, TrainedWord
 from train_support import REPO, pipeline_toml, trained_tensors, write_pipeline
@@ -218,11 +218,13 @@ def test_a_run_trains_only_the_listed_word(tmp_path, registry, demo, demo_model_
     pt = '[tokenizer_pt]\nemb_dir = "embs"\ntrain = [{ name = "my-cat", lr = 0.05 }]\n'
     cfg = write_pipeline(tmp_path, pt_pipeline(tmp_path, demo_model_dir, demo_data_dir, adapters=lora + pt))
     pipeline = hcp_core.load_config(cfg, ["model.clip_skip=1"])
-    trainer = Trainer(pipeline)
-    trainer.setup()
+    trainer = build_run(pipeline)
     groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
     assert groups["tokenizer_pt.my-cat"] == 0.05 and not any("old-one" in n for n in groups)
-    result = trainer.train()
+    try:
+        result = train(trainer)
+    finally:
+        trainer.close()
     exp = Path(result.exp_dir)
 
     te = trainer.models.text_encoder

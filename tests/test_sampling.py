@@ -17,7 +17,7 @@ from hcp_core import cli
 from hcp_core.errors import ConfigError
 from hcp_core.generation.metadata import parse_parameters, read_png_text
 from hcp_core.models.custom_words import write_embedding
-from hcp_core.train.sampling import isolated_from_training
+from hcp_core.train.sample_images import isolated_from_training
 from train_support import assert_same_tensors, sample_toml, sampling_runs, trained_tensors
 
 WORD = "my-cat"
@@ -153,11 +153,11 @@ def test_out_of_memory_while_sampling_skips_the_samples_not_the_run(demo_model_d
     from hcp_core.config.schema import SampleConfig
     from hcp_core.models.loading import load_models
     from hcp_core.models.text_encoding import PromptEncoder
-    from hcp_core.train import sampling
+    from hcp_core.train import sample_images as sampling
 
     models = load_models(demo_model_dir)
     models.unet.train()
-    sampler = sampling.TrainingSampler(SampleConfig(prompts=["x"], every=5), models=models, exp_dir=tmp_path,
+    sampler = sampling.SampleRenderer(SampleConfig(prompts=["x"], every=5), models=models, exp_dir=tmp_path,
                                        prompt_encoder=PromptEncoder(models.tokenizer, models.text_encoder),
                                        default_size=(64, 64))  # fmt: skip
     assert [s for s in range(1, 21) if sampler.due(s, max_steps=20)] == [5, 10, 15]  # the end samples on its own

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import hcp_core
 from hcp_core import cli
-from train_support import assert_same_tensors, hcp, hcp_env, lora_on_folder_and_file, pipeline_toml, trained_tensors, write_pipeline
+from train_support import (assert_same_tensors, hcp, hcp_env, lora_on_folder_and_file, pipeline_toml, start_run,
+                           trained_tensors, write_pipeline)
 
 
 def test_a_run_writes_config_checkpoints_exports_and_logs(tmp_path, demo_model_dir, demo_data_dir) -> None:
@@ -62,12 +63,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, demo_model_dir, demo_da
 def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path, demo_model_dir, demo_data_dir) -> None:
     exp = tmp_path / "exp"
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, max_steps=500))
-    proc = subprocess.Popen([sys.executable, "-m", "hcp_core", "run", str(cfg)], env=hcp_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (exp / "train.log").exists() or "step 2/" not in (exp / "train.log").read_text():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    proc = start_run(cfg, exp)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -141,16 +137,16 @@ layers = ['down_blocks.0.attentions.0.proj_in', 're:up_blocks\\.2\\.resnets\\.0\
 
 
 def test_two_datasets_are_drawn_every_step_with_their_loss_weights(tmp_path, demo_model_dir, demo_data_dir, monkeypatch) -> None:
-    from hcp_core.train import runner
+    from hcp_core.train import loop
 
     seen = []
-    original = runner.Trainer.micro_step_loss
+    original = loop.batch_loss
 
-    def spy(self, batches):
+    def spy(run, batches, step):
         seen.append({name: (b["loss_weight"], len(b["indices"])) for name, b in batches.items()})
-        return original(self, batches)
+        return original(run, batches, step)
 
-    monkeypatch.setattr(runner.Trainer, "micro_step_loss", spy)
+    monkeypatch.setattr(loop, "batch_loss", spy)
     extra = f"""
 [data.reg]
 batch_size = 1
@@ -165,17 +161,17 @@ sources = [{{ type = "image_folder", img_root = "{demo_data_dir}" }}]
 
 
 def test_options_together_masks_cache_ema_bf16_min_snr_v_prediction(tmp_path, demo_model_dir, demo_data_dir, monkeypatch) -> None:
-    from hcp_core.train import runner
+    from hcp_core.train import loop
 
     used = []
-    original = runner.Trainer.micro_step_loss
+    original = loop.batch_loss
 
-    def spy(self, batches):
+    def spy(run, batches, step):
         b = batches["ds"]
-        used.append(("latents" in b, b["weight_map"] is not None, self.models.prediction_type))
-        return original(self, batches)
+        used.append(("latents" in b, b["weight_map"] is not None, run.models.prediction_type))
+        return original(run, batches, step)
 
-    monkeypatch.setattr(runner.Trainer, "micro_step_loss", spy)
+    monkeypatch.setattr(loop, "batch_loss", spy)
     exp = tmp_path / "exp"
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, masks=True, max_steps=3))
     result = hcp_core.run(hcp_core.load_config(cfg, [

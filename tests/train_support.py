@@ -137,3 +137,20 @@ size = "64x48"
 scheduler = "euler_a"
 cfg = 6.0
 """
+
+
+def start_run(cfg: Path, exp: Path, *, until: str = "step 2/", launcher: tuple = (), timeout: int = 240) -> subprocess.Popen:
+    """``hcp run cfg`` in a background process (behind ``launcher``, e.g. torchrun's argv), returned
+    once ``until`` appears in ``exp/train.log``; its stderr is a text pipe."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "hcp_core", "run", str(cfg)], env=hcp_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    log = exp / "train.log"
+    while not log.exists() or until not in log.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run ended or stalled before {until!r}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    return proc

@@ -8,13 +8,16 @@ import attrs
 
 from ..errors import ConfigError, did_you_mean
 from ..plugins import get_registry
-from ..registry import Registry
+from ..registry import Registry, describe_blocked
 from . import convert
 from .loader import load_raw
 from .schema import Pipeline
 
 #: Pipeline fields that come from TOML; the rest are filled by hcp.
 _TOML_FIELDS = ("model", "data", "seed", "exp_dir", "train", "sample")
+#: The loss a pipeline without ``train.loss`` uses, looked up in the registry like any other
+#: (so a plugin may replace it, and blocking it is reported as for any component).
+DEFAULT_LOSS = "mse"
 
 
 def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, base_dir: str = ".") -> Pipeline:
@@ -27,9 +30,16 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
     sections = registry.adapter_sections()
     option_tables = registry.adapter_options()
     core = {k: v for k, v in raw.items() if k in _TOML_FIELDS}
+    train = core.get("train", {})
+    if isinstance(train, Mapping) and "loss" not in train:
+        core["train"] = {**train, "loss": {"type": DEFAULT_LOSS}}
     errors: List[str] = []
     for key in raw:
         if key not in _TOML_FIELDS and key not in sections and key not in option_tables:
+            blocked = registry.blocked_adapter_section(key)
+            if blocked is not None:
+                errors.append(f"{key}: {describe_blocked(blocked)} (that adapter owns this section).")
+                continue
             known = [*_TOML_FIELDS, *sorted(sections), *sorted(option_tables)]
             errors.append(f"{key}: unknown section.{did_you_mean(key, known)} Known: {', '.join(known)}.")
     for required in ("model", "data"):
@@ -90,7 +100,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), registry
 
 def pipeline_to_dict(pipeline: Pipeline, registry: Optional[Registry] = None) -> Dict[str, Any]:
     """The resolved pipeline (defaults filled in) as plain data, ready for TOML."""
-    registry = registry or get_registry()
+    registry = registry or pipeline.registry or get_registry()
     conv = convert.make_converter(registry)
     owners = registry.adapter_options()
     out: Dict[str, Any] = {}

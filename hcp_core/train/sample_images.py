@@ -75,7 +75,7 @@ def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iter
             uses.update(before)
 
 
-class TrainingSampler:
+class SampleRenderer:
     """Renders ``config``'s prompts with the run's models; the main process owns one."""
 
     def __init__(
@@ -141,18 +141,3 @@ class TrainingSampler:
             self.writer.flush()
         log.info("samples of step %d in %s", step, folder)
         return paths
-
-
-def build_sampler(trainer: Any) -> Optional[TrainingSampler]:
-    """The sampler of a :class:`~hcp_core.train.runner.Trainer` after ``setup``; None without ``[sample]``
-    and on other processes than the main one."""
-    p = trainer.p
-    if p.sample is None or not trainer.is_main:
-        return None
-    first = next(iter(trainer.data.prepared.values()))
-    return TrainingSampler(
-        p.sample, models=trainer.models, prompt_encoder=trainer.prompt_encoder, exp_dir=trainer.exp_dir,
-        default_size=tuple(first.bucket_sizes[0]), model_path=str((Path(p.base_dir) / p.model.pretrained).resolve()),
-        clip_skip=p.model.clip_skip, prediction_type=p.model.prediction_type,
-        autocast=trainer.accelerator.autocast, writer=trainer.writer,
-    )  # fmt: skip

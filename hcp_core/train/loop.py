@@ -1,0 +1,274 @@
+"""The training loop: :func:`train` reads top to bottom, one optimizer step per iteration.
+
+Each optimizer step draws ``gradient_accumulation`` micro-batches from *every* dataset; a
+dataset's loss is weighted by its ``loss_weight``. Only the main process writes files. A stop
+signal ends the current step, saves and raises :class:`~hcp_core.errors.RunStopped`; a
+non-finite loss or non-finite trained weights stop the run before anything bad is saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from typing import Any, Dict, List, Optional
+
+import attrs
+import torch
+
+from ..config.pipeline import pipeline_to_dict
+from ..errors import UserError
+from ..interfaces import LossInputs
+from ..models.conditioning import unet_conditioning
+from . import checkpoint as ckpt
+from .diffusion import draw_noise_and_timesteps, min_snr_weights, sample_seed, snr, training_target
+from .interrupts import StopSignals, stopped
+from .progress import Progress
+from .setup import Run
+
+log = logging.getLogger("hcp")
+
+
+class TrainingDiverged(UserError):
+    """The loss or the trained weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+@attrs.frozen
+class RunResult:
+    """What a finished run left behind."""
+
+    exp_dir: str
+    step: int
+    exports: List[str]
+    last_loss: float
+
+
+def train(run: Run, start: int = 0) -> RunResult:
+    """Train from step ``start`` to ``train.max_steps``; save, export and return what was written."""
+    cfg = run.pipeline.train
+    step, last_saved, last_loss = start, start, float("nan")
+    progress = Progress(cfg.max_steps, step, cfg.log_every, enabled=run.is_main)
+    with StopSignals() as stop:
+        try:
+            while step < cfg.max_steps:
+                last_loss = optimizer_step(run, step)
+                step += 1
+                check_weights_finite(run, step)
+                if run.ema is not None:
+                    run.ema.update()
+                log_step(run, progress, step, last_loss)
+                if run.renderer is not None and run.renderer.due(step, cfg.max_steps):
+                    run.renderer.sample(step)
+                signum = stop.agreed(lambda s: _reduce_max(run, s))
+                if signum:
+                    if step > last_saved or not ckpt.list_checkpoints(run.exp_dir):
+                        log.info("interrupted: saving a checkpoint at step %d before exiting", step)
+                        save(run, step)
+                    raise stopped(signum, step, str(ckpt.checkpoints_dir(run.exp_dir) / f"step-{step:08d}"))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    save(run, step)
+                    last_saved = step
+        finally:
+            progress.close()
+    run.data.close()
+    if step > last_saved or not ckpt.list_checkpoints(run.exp_dir):
+        save(run, step)
+    check_ranks_agree(run)
+    exports: List[str] = []
+    if run.is_main:
+        exports = export(run, None)
+        if run.renderer is not None:  # with the exported weights (EMA swapped in, if any)
+            with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+                run.renderer.sample(step)
+        log.info("done: %d steps, exports: %s", step, ", ".join(exports) or "none")
+    run.accelerator.wait_for_everyone()
+    return RunResult(exp_dir=str(run.exp_dir), step=step, exports=exports, last_loss=last_loss)
+
+
+def optimizer_step(run: Run, step: int) -> float:
+    """One optimizer step (``gradient_accumulation`` micro-steps); returns its mean loss."""
+    cfg, acc = run.pipeline.train, run.accelerator
+    step_loss = 0.0
+    for micro in range(cfg.gradient_accumulation):
+        batches = run.data.next_batches()
+        # Dropout draws from the global RNG (gradient checkpointing replays it); keying it on the
+        # step means nothing else that touches it (previews, plugins) can make a resume differ.
+        torch.manual_seed(sample_seed(run.pipeline.seed, step, micro, stream=2))
+        loss, value = guarded_loss(run, batches, step)
+        step_loss += value / cfg.gradient_accumulation
+        if loss.requires_grad:  # e.g. no prompt held a trained word this micro-step
+            acc.backward(loss / cfg.gradient_accumulation)
+    sync_grads(run)
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_(run.trained_params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def latents_of(run: Run, batch: Dict[str, Any], sample_ids: List[int], step: int) -> torch.Tensor:
+    """Scaled VAE latents of a batch: cached ones, or encoded now (sampled per sample)."""
+    dev = run.accelerator.device
+    if "latents" in batch:
+        return batch["latents"].to(dev).contiguous()
+    vae = run.models.vae
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(dev, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        eps = torch.stack([
+            torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
+                sample_seed(run.pipeline.seed, step, sid, stream=1)))
+            for sid in sample_ids
+        ]).to(dev)
+        z = dist.mean.float() + dist.std.float() * eps
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            z = z - shift
+        # The VAE can hand back channels-last tensors; GroupNorm's CPU backward crashes on those
+        # when the norm trains but its input needs no gradient (fine-tuning norm layers).
+        return (z * vae.config.scaling_factor).contiguous()
+
+
+def batch_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> torch.Tensor:
+    """Weighted sum over datasets of the per-dataset mean loss for one micro-step."""
+    total: Optional[torch.Tensor] = None
+    cfg, models = run.pipeline.train, run.models
+    scheduler = models.scheduler
+    for ordinal, batch in enumerate(batches.values()):
+        # Sample ids are stable across batch layouts and process counts (see diffusion.py).
+        ids = [ordinal * 1_000_000_000 + int(i) for i in batch["indices"]]
+        latents = latents_of(run, batch, ids, step)
+        noise, t = draw_noise_and_timesteps(
+            latents, ids, seed=run.pipeline.seed, step=step,
+            num_train_timesteps=scheduler.config.num_train_timesteps, noise_offset=cfg.noise_offset,
+        )
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.set_grad_enabled(run.train_text), run.accelerator.autocast():
+            cond = unet_conditioning(run.prompt_encoder, batch, noisy.device)  # SDXL adds pooled + time ids
+        with run.accelerator.autocast():
+            pred = models.unet(noisy, t, **cond).sample
+        target = training_target(scheduler, latents, noise, t, models.prediction_type)
+        weight_map = batch.get("weight_map")
+        snr_values = snr(scheduler, t)
+        per_sample = run.loss_fn(pred.float(), target.float(), LossInputs(
+            timesteps=t, weight_map=None if weight_map is None else weight_map.to(pred.device), snr=snr_values))
+        w = min_snr_weights(snr_values, cfg.min_snr_gamma, models.prediction_type)
+        if w is not None:
+            per_sample = per_sample * w
+        term = per_sample.mean() * batch["loss_weight"]
+        total = term if total is None else total + term
+    assert total is not None
+    return total
+
+
+def guarded_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> tuple[torch.Tensor, float]:
+    """:func:`batch_loss` and its value (averaged over processes); out-of-memory and non-finite
+    losses become clear errors."""
+    try:
+        loss = batch_loss(run, batches, step)
+    except torch.OutOfMemoryError:
+        sizes = ", ".join(f"data.{name}: batch {len(b['indices'])} at {b['target_size_hw'][0][1]}x{b['target_size_hw'][0][0]}"
+                          for name, b in batches.items())
+        raise UserError(f"out of memory at step {step + 1} ({sizes}); lower batch_size or the resolution, "
+                        "or enable model.gradient_checkpointing / mixed precision") from None
+    value = float(loss.detach())
+    if run.accelerator.num_processes > 1:
+        value = float(run.accelerator.reduce(loss.detach().reshape(1), "mean").item())
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "
+                               "Lower the learning rate, check the data, or use mixed_precision = \"no\".")
+    return loss, value
+
+
+def check_weights_finite(run: Run, step: int) -> None:
+    """Stop before a NaN/inf weight reaches a checkpoint or an export (one fused norm per step)."""
+    norms = torch._foreach_norm([p.detach() for p in run.trained_params])
+    if not bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum())):
+        raise TrainingDiverged(
+            f"the trained weights became NaN or infinite in the update of step {step}; stopping without saving "
+            f"them ({_last_good(run)}). Lower the learning rate or set train.max_grad_norm."
+        )
+
+
+def _last_good(run: Run) -> str:
+    saved = ckpt.list_checkpoints(run.exp_dir)
+    return f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+
+
+def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
+    """Progress bar or log line, and TensorBoard scalars."""
+    progress.update(step, loss, run.optimizer.param_groups[0]["lr"])
+    if run.writer is not None:
+        run.writer.add_scalar("loss", loss, step)
+        for g in run.optimizer.param_groups:
+            run.writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], step)
+
+
+def save(run: Run, step: int) -> None:
+    """Checkpoint (all ranks wait) and export user-facing files; the main process writes."""
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.lr_scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data": run.data.state_dict(),
+            "ema": run.ema.state_dict() if run.ema else {},
+        }
+        meta = {"max_steps": run.pipeline.train.max_steps, "config": pipeline_to_dict(run.pipeline)}
+        path = ckpt.save_checkpoint(run.exp_dir, step, trainable=run.trainable_state(), training_state=state,
+                                    meta=meta, keep=run.pipeline.train.keep_checkpoints)
+        export(run, step)
+        ckpt.mark_exported(path)
+        log.info("saved checkpoint %s", path)
+    run.accelerator.wait_for_everyone()
+
+
+def export(run: Run, step: Optional[int]) -> List[str]:
+    """Every adapter's user-facing files for ``step`` (None: the final ones, EMA weights if on)."""
+    with run.ema.swapped_in() if run.ema is not None and step is None else contextlib.nullcontext():
+        return [path for _, adapter in run.adapters for path in adapter.export(run.models, str(run.exp_dir), step)]
+
+
+def sync_grads(run: Run) -> None:
+    """Average the trained tensors' gradients over processes (what DDP would do)."""
+    if run.accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    params = run.trained_params
+    for prm in params:  # a tensor unused on this rank (a word absent from its prompts) still joins
+        if prm.grad is None:
+            prm.grad = torch.zeros_like(prm)
+    flat = torch.cat([prm.grad.reshape(-1).float() for prm in params])
+    dist.all_reduce(flat)
+    flat /= run.accelerator.num_processes
+    offset = 0
+    for prm in params:
+        n = prm.grad.numel()
+        prm.grad.copy_(flat[offset:offset + n].view_as(prm.grad))
+        offset += n
+
+
+def _reduce_max(run: Run, value: int) -> int:
+    if run.accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=run.accelerator.device)
+    return int(run.accelerator.reduce(t, "max").item())
+
+
+def check_ranks_agree(run: Run) -> None:
+    """Every process must end with bit-identical trained weights; say so or fail loudly."""
+    n = run.accelerator.num_processes
+    if n == 1:
+        return
+    digest = hashlib.sha256()
+    for prm in run.trained_params:
+        digest.update(prm.detach().float().cpu().numpy().tobytes())
+    words = torch.tensor(list(digest.digest()[:16]), dtype=torch.int64, device=run.accelerator.device)
+    gathered = run.accelerator.gather(words.reshape(1, -1)).reshape(n, -1)
+    if not all(torch.equal(gathered[0], row) for row in gathered):
+        raise RuntimeError("processes ended with different trained weights; gradients were not synchronised")
+    log.info("all %d processes hold identical trained weights (sha256 %s...)", n, digest.hexdigest()[:12])
+

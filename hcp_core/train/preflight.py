@@ -1,0 +1,82 @@
+"""``hcp check`` before a run: what the run would find after loading the model, found without
+reading its weights, then the data (:func:`hcp_core.data.report.check_data`)."""
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional, TextIO, Tuple
+
+from ..data.report import check_data
+from ..errors import UserError
+
+
+def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional[int]]:
+    """What ``hcp check`` prints for the model: the errors ``hcp run`` would meet after loading it.
+
+    The model is built from its configs on the ``meta`` device (no weight is read, so this takes
+    seconds even for SDXL), then ``model.clip_skip`` is checked and every adapter is attached to
+    it: a layer pattern that matches nothing, a LoRA ``init_from`` file or a custom-word file
+    that does not fit are reported with the very message the run would give. Returns (ok, the
+    VAE's latent factor for bucketing, or None when the model could not be built).
+    """
+    import torch
+
+    from ..interfaces import AdapterContext
+    from ..models.conditioning import make_prompt_encoder
+    from ..models.loading import load_model_skeleton
+    from .setup import build_adapters, latent_factor
+
+    model = pipeline.model
+    try:
+        models = load_model_skeleton(model.pretrained, prediction_type=model.prediction_type, config=model.config)
+    except UserError as exc:
+        print(f"model: ERROR: {exc}", file=out)
+        return False, None
+    if models is None:
+        print(f"model: note: {model.pretrained} is a single-file checkpoint without model.config; its layers are "
+              "checked only when the run loads it", file=out)
+        return True, None
+    errors: List[str] = []
+    try:
+        make_prompt_encoder(models, clip_skip=model.clip_skip)
+    except UserError as exc:
+        errors.append(str(exc))
+    context = AdapterContext(exp_dir=str(pipeline.exp_dir), base_dir=pipeline.base_dir, clip_skip=model.clip_skip,
+                             seed=pipeline.seed, extra={"max_steps": pipeline.train.max_steps})
+    try:
+        adapters = build_adapters(pipeline, context)
+    except UserError as exc:
+        errors.append(str(exc))
+        adapters = []
+    for name, adapter in adapters:
+        try:
+            with torch.device("meta"):  # whatever an adapter creates stays shapes only
+                adapter.attach(models)
+        except UserError as exc:
+            errors.append(str(exc))
+        except Exception as exc:  # an adapter that needs real weights to attach: the run will tell
+            print(f"model: note: adapter {name} could not be checked without loading the weights "
+                  f"({type(exc).__name__}: {exc})", file=out)
+    for message in errors:
+        print(f"model: ERROR: {message}", file=out)
+    if not errors:
+        print(f"model: OK: {model.pretrained} ({models.kind}); layer patterns and clip_skip fit it", file=out)
+    return not errors, latent_factor(models.vae)
+
+
+def check_pipeline(
+    pipeline: Any,
+    out: TextIO = sys.stdout,
+    *,
+    registry: Any = None,
+    strict: bool = False,
+    verify_images: bool = True,
+    check_model_layers: bool = True,
+) -> bool:
+    """What ``hcp check`` prints: the model check (:func:`check_model`, unless
+    ``check_model_layers`` is False), then :func:`~hcp_core.data.report.check_data` with the
+    model's latent factor. Returns False when anything would stop the run (see check_data's
+    ``strict``)."""
+    ok, factor = check_model(pipeline, out) if check_model_layers else (True, None)
+    data_ok = check_data(pipeline, out, registry=registry, strict=strict, verify_images=verify_images,
+                         latent_factor=factor)
+    return ok and data_ok

@@ -1,0 +1,255 @@
+"""Everything a run needs before its first step, built once: :func:`build_run` -> :class:`Run`.
+
+The loop (:mod:`hcp_core.train.loop`) only reads these parts. Components come from the
+registry the pipeline was validated against (``pipeline.registry``), never a process-wide one.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import attrs
+import torch
+
+from ..config.pipeline import pipeline_to_dict
+from ..config.schema import Pipeline
+from ..config.toml_write import dumps
+from ..errors import UserError
+from ..interfaces import AdapterContext, ModelBundle
+from .ema import Ema
+from .optim import build_optimizer, build_scheduler
+from .run_folder import RunLock, open_run_folder
+
+log = logging.getLogger("hcp")
+
+
+@attrs.frozen
+class Run:
+    """The named, built parts of one training run."""
+
+    pipeline: Pipeline
+    accelerator: Any
+    exp_dir: Path
+    lock: Optional[RunLock]  # held by the main process only
+    models: ModelBundle
+    data: Any  # hcp_core.data.loader.TrainData
+    adapters: List[Tuple[str, Any]]  # (component name, built adapter), in attach order
+    trained_params: List[torch.nn.Parameter]
+    train_text: bool  # whether any text-encoder weight trains (prompt encoding then keeps its graph)
+    optimizer: Any
+    lr_scheduler: Any
+    prompt_encoder: Callable[..., Any]  # prompts -> conditioning (adapters may wrap it)
+    loss_fn: Callable[..., torch.Tensor]
+    ema: Optional[Ema]
+    first_bucket: Tuple[int, int]  # (w, h) of the first dataset's first bucket: default sample size
+    writer: Any = None  # TensorBoard SummaryWriter on the main process, when installed
+    renderer: Any = None  # the [sample] renderer on the main process, or None
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        """Every adapter's trained tensors, keyed ``<adapter>/<name>`` (what checkpoints hold)."""
+        out: Dict[str, torch.Tensor] = {}
+        for name, adapter in self.adapters:
+            out.update({f"{name}/{k}": v for k, v in adapter.trainable_state().items()})
+        return out
+
+    def close(self) -> None:
+        """Stop data workers, close logs, release the run folder."""
+        self.data.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def setup_logging(exp_dir: Path, is_main: bool) -> None:
+    """``train.log`` in the run folder plus the terminal, on the main process only."""
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        if getattr(h, "_hcp", False):
+            log.removeHandler(h)
+            h.close()
+    if not is_main:
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: List[logging.Handler] = [logging.FileHandler(exp_dir / "train.log"), logging.StreamHandler()]
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._hcp = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+    log.propagate = False
+
+
+def build_adapters(pipeline: Pipeline, context: AdapterContext) -> List[Tuple[str, Any]]:
+    """Build each adapter that owns a section of the pipeline, in attach order."""
+    owners = pipeline.registry.adapter_sections()
+    by_component: Dict[str, Tuple[Any, Dict[str, List[Any]]]] = {}
+    for section, configs in pipeline.adapters.items():
+        comp, target = owners[section]
+        entry = by_component.setdefault(comp.name, (comp, {}))
+        entry[1].setdefault(target, []).extend(configs)
+    built = []
+    for name, (comp, targets) in by_component.items():
+        kwargs = {"options": pipeline.adapter_options[comp.options[0]]} if comp.options else {}
+        built.append((name, comp.build(targets, context=context, **kwargs)))
+    # Adapters that select layers by their original names (fine-tuning) attach before wrappers (LoRA).
+    return sorted(built, key=lambda item: getattr(item[1], "attach_order", 0))
+
+
+def make_accelerator(pipeline: Pipeline) -> Any:
+    """A fresh accelerate ``Accelerator`` for this pipeline's precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one global state per process; a library user running a second pipeline
+    # (say, with other mixed precision) needs a fresh one. The process group of a distributed
+    # launch lives in PartialState, which stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=pipeline.model.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite: bool) -> Tuple[Path, Optional[RunLock]]:
+    """The run folder made ready and locked by the main process; other ranks wait for it."""
+    exp_dir = Path(pipeline.base_dir) / pipeline.exp_dir
+    lock = None
+    failure: Optional[BaseException] = None
+    if accelerator.is_main_process:
+        try:
+            lock = open_run_folder(exp_dir, resume=resume, overwrite=overwrite)
+        except BaseException as exc:  # other ranks must not wait forever for a rank that failed
+            failure = exc
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1 if failure is not None else 0], device=accelerator.device)
+        if int(accelerator.reduce(flag, "max").item()) and failure is None:
+            raise UserError(f"exp_dir {exp_dir}: the main process could not open the run folder (see its message)")
+    if failure is not None:
+        raise failure
+    setup_logging(exp_dir, accelerator.is_main_process)
+    for note in lock.notes if lock is not None else ():
+        log.warning("%s", note)
+    return exp_dir, lock
+
+
+def build_run(pipeline: Pipeline, *, resume: bool = False, overwrite: bool = False) -> Run:
+    """Open the run folder, load the model and data, attach adapters, build the optimizer.
+
+    ``resume`` says the folder is expected to hold this run; ``overwrite`` moves an older run aside.
+    """
+    from accelerate.utils import set_seed
+
+    from ..data.loader import build_train_data
+    from ..models.conditioning import make_prompt_encoder
+    from ..models.loading import load_models
+
+    acc = make_accelerator(pipeline)
+    exp_dir, lock = open_folder(pipeline, acc, resume=resume, overwrite=overwrite)
+    try:
+        return _build_parts(pipeline, acc, exp_dir, lock, set_seed, build_train_data, make_prompt_encoder, load_models)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[RunLock], set_seed: Any,
+                 build_train_data: Any, make_prompt_encoder: Any, load_models: Any) -> Run:
+    p, cfg = pipeline, pipeline.train
+    set_seed(p.seed)
+    if acc.is_main_process:
+        (exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
+    models: ModelBundle = load_models(p.model.pretrained, prediction_type=p.model.prediction_type, config=p.model.config)
+    data = build_train_data(p, registry=p.registry, rank=acc.process_index, world_size=acc.num_processes,
+                            latent_factor=latent_factor(models.vae), verify_images=True)
+    first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
+    context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
+                             resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps})
+    adapters = build_adapters(p, context)
+    groups: List[Dict[str, Any]] = []
+    for _, adapter in adapters:
+        groups.extend(adapter.attach(models))
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        sections = ", ".join(f"[[{s}]]" for s in sorted(p.registry.adapter_sections())) or "none registered"
+        raise UserError(f"nothing to train: add at least one adapter section ({sections}) with layers/words that exist")
+    trained = [prm for g in groups for prm in g["params"]]
+    text_encoders = [te for te in (models.text_encoder, models.text_encoder_2) if te is not None]
+    train_text = any(prm.requires_grad for te in text_encoders for prm in te.parameters())
+    place_models(models, acc.device, p.model)
+    data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
+                       wait=acc.wait_for_everyone)
+    # Models are not wrapped in DDP: gradients of the trained tensors are averaged across
+    # processes in one flat all-reduce per step (loop.sync_grads), which keeps adapters free to
+    # train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
+    optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
+    lr_scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
+    prompt_encoder = make_prompt_encoder(models, clip_skip=p.model.clip_skip)  # SDXL: both encoders
+    for _, adapter in adapters:  # e.g. prompt tuning expands custom words into their tokens
+        wrap = getattr(adapter, "wrap_prompt_encoder", None)
+        if wrap is not None:
+            prompt_encoder = wrap(prompt_encoder)
+    writer = open_tensorboard(exp_dir) if acc.is_main_process else None
+    run = Run(
+        pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, models=models, data=data, adapters=adapters,
+        trained_params=trained, train_text=train_text, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        prompt_encoder=prompt_encoder, loss_fn=p.train.loss.build(),
+        ema=Ema(trained, cfg.ema.decay) if cfg.ema.enabled else None, first_bucket=first_bucket, writer=writer,
+    )  # fmt: skip
+    return attrs.evolve(run, renderer=build_renderer(run))
+
+
+def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:
+    """Move every part to ``device``; frozen weights go half precision on CUDA (trained ones stay fp32)."""
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(model_cfg.mixed_precision) if device.type == "cuda" else None
+    parts = (("unet", models.unet), ("text_encoder", models.text_encoder), ("text_encoder_2", models.text_encoder_2),
+             ("vae", models.vae))
+    trains = {}
+    for name, module in ((n, m) for n, m in parts if m is not None):
+        trains[name] = any(prm.requires_grad for prm in module.parameters())
+        module.to(device)
+        module.train(trains[name])
+        if half is not None and not (name == "vae" and model_cfg.vae_fp32):
+            for prm in module.parameters():
+                if not prm.requires_grad:
+                    prm.data = prm.data.to(half)
+    if model_cfg.gradient_checkpointing:
+        if trains.get("unet"):
+            models.unet.enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2"):
+            te = getattr(models, name)
+            if te is not None and trains.get(name) and hasattr(te, "gradient_checkpointing_enable"):
+                te.gradient_checkpointing_enable()
+
+
+def open_tensorboard(exp_dir: Path) -> Any:
+    """A SummaryWriter on ``<exp_dir>/logs``, or None (with a warning) without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(exp_dir / "logs"))
+
+
+def build_renderer(run: Run) -> Any:
+    """The ``[sample]`` image renderer on the main process; None without ``[sample]``."""
+    from .sample_images import SampleRenderer
+
+    p = run.pipeline
+    if p.sample is None or not run.is_main:
+        return None
+    return SampleRenderer(
+        p.sample, models=run.models, prompt_encoder=run.prompt_encoder, exp_dir=run.exp_dir,
+        default_size=run.first_bucket, model_path=str((Path(p.base_dir) / p.model.pretrained).resolve()),
+        clip_skip=p.model.clip_skip, prediction_type=p.model.prediction_type,
+        autocast=run.accelerator.autocast, writer=run.writer,
+    )  # fmt: skip
+
+
+def latent_factor(vae: Any) -> int:
+    """Pixels per latent side: 2 ** (number of VAE down blocks - 1), 8 for SD."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -38,3 +38,19 @@ def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from hcp_core.demo.sdxl import build_demo_sdxl_model
 
     return build_demo_sdxl_model(tmp_path_factory.mktemp("sdxl_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-style diffusers folder (seed 0, guidance embedded). Treat it as read-only."""
+    from hcp_core.demo.flux import build_demo_flux_model
+
+    return build_demo_flux_model(tmp_path_factory.mktemp("flux_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def sd3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3.5-style diffusers folder (seed 0). Treat it as read-only."""
+    from hcp_core.demo.sd3 import build_demo_sd3_model
+
+    return build_demo_sd3_model(tmp_path_factory.mktemp("sd3_model"), seed=0)

@@ -167,3 +167,19 @@ def test_dataset_is_deterministic(demo_data_dir, tmp_path):
     assert [p.read_text() for p in sorted((tmp_path / "other").glob("*.txt"))] != [
         p.read_text() for p in sorted(demo_data_dir.glob("*.txt"))[:3]
     ]
+
+
+def test_weights_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from hcp_core.fileio import default_file_mode
+
+    old = os.umask(0o022)
+    try:
+        out = build_demo_model(tmp_path / "m", seed=1)
+    finally:
+        os.umask(old)
+    for rel in WEIGHT_FILES:
+        assert stat.S_IMODE(os.stat(out / rel).st_mode) == 0o644, rel
+    assert default_file_mode() == 0o666 & ~old

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
+from ..fileio import apply_default_mode
+
 #: Written into the model folder so tools can tell the demo model from a real one.
 MARKER_FILE = "hcp_demo.json"
 
@@ -185,8 +187,12 @@ def tiny_unet(*, cross_attention_dim: int, sample_size: int = 8, **extra: Any) -
     return UNet2DConditionModel(**options)
 
 
-def tiny_vae(*, scaling_factor: float = 0.18215) -> Any:
-    """An AutoencoderKL with SD's 4 levels (so 8x downsampling) and 4 latent channels, tiny."""
+def tiny_vae(*, scaling_factor: float = 0.18215, latent_channels: int = 4, **extra: Any) -> Any:
+    """An AutoencoderKL with SD's 4 levels (so 8x downsampling) and 4 latent channels, tiny.
+
+    ``latent_channels`` and ``extra`` (further AutoencoderKL options) let SD3 / FLUX variants
+    reuse it with their 16 latent channels, shift factor and no quant convs.
+    """
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -196,10 +202,11 @@ def tiny_vae(*, scaling_factor: float = 0.18215) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 32, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -209,6 +216,11 @@ def calibrate_scaling_factor(vae: Any) -> float:
     Real SD's 0.18215 was found the same way for its VAE; a random VAE needs its own value or the
     noise schedule would drown (or barely touch) the signal.
     """
+    return round(1.0 / float(demo_latents(vae).std()), 5)
+
+
+def demo_latents(vae: Any) -> Any:
+    """The (unscaled) latent means of four 64x64 demo images under ``vae``."""
     import numpy as np
     import torch
 
@@ -218,8 +230,7 @@ def calibrate_scaling_factor(vae: Any) -> float:
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))
     pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1.0
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean
-    return round(1.0 / float(latents.std()), 5)
+        return vae.encode(pixels).latent_dist.mean
 
 
 def ddpm_scheduler(prediction_type: str = "epsilon") -> Any:
@@ -286,13 +297,21 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
     return save_demo_pipeline(pipe, out, kind="sd", seed=seed, prediction_type=prediction_type)
 
 
-def save_demo_pipeline(pipe: Any, out: Path, *, kind: str, seed: int, prediction_type: str) -> Path:
-    """Write a built demo pipeline as a diffusers folder plus the marker :func:`is_demo_model` reads."""
+def save_demo_pipeline(
+    pipe: Any, out: Path, *, kind: str, seed: int, prediction_type: str, **marker_extra: Any
+) -> Path:
+    """Write a built demo pipeline as a diffusers folder plus the marker :func:`is_demo_model` reads.
+
+    ``marker_extra`` adds JSON-able fields to the marker (e.g. FLUX's ``guidance``).
+    """
     from ..models.pipelines import quiet_progress_bars
 
     quiet_progress_bars()
     pipe.save_pretrained(str(out), safe_serialization=True)
-    marker = {"kind": kind, "seed": seed, "prediction_type": prediction_type}
+    # diffusers writes weights through a 0600 temporary file; give them the umask's mode (0644
+    # under 022) like every other file, so a web UI running as another user can read them.
+    apply_default_mode(out.glob("*/*.safetensors"))  # every part: unet/transformer, vae, text encoders
+    marker = {"kind": kind, "seed": seed, "prediction_type": prediction_type, **marker_extra}
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -72,15 +72,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .demo.dataset import build_demo_dataset
-    from .demo.model import build_demo_model
 
     root = Path(args.dir)
-    if args.sdxl:  # the tiny SDXL model instead of the SD 1.x one (see docs/sdxl.md)
-        from .demo.sdxl import build_demo_sdxl_model
+    family = "sdxl" if args.sdxl else args.family
+    builders = {  # module, function, folder
+        "sd": ("hcp_core.demo.model", "build_demo_model", "model"),
+        "sdxl": ("hcp_core.demo.sdxl", "build_demo_sdxl_model", "model-sdxl"),
+        "sd3": ("hcp_core.demo.sd3", "build_demo_sd3_model", "model-sd3"),
+        "flux": ("hcp_core.demo.flux", "build_demo_flux_model", "model-flux"),
+    }
+    import importlib
 
-        model = build_demo_sdxl_model(root / "model-sdxl")
-    else:
-        model = build_demo_model(root / "model")
+    module, function, folder = builders[family]
+    model = getattr(importlib.import_module(module), function)(root / folder)
     data = build_demo_dataset(root / "data")
     print(f"demo model: {model}\ndemo data:  {data}")
     return 0
@@ -188,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="create the tiny offline demo model and dataset")
     p.add_argument("dir", nargs="?", default="demo", help="output folder (default: ./demo)")
-    p.add_argument("--sdxl", action="store_true", help="write a tiny SDXL model to DIR/model-sdxl instead of DIR/model")
+    p.add_argument("--family", default="sd", choices=("sd", "sdxl", "sd3", "flux"),
+                   help="which tiny model: sd -> DIR/model (default), sdxl -> DIR/model-sdxl, sd3 -> DIR/model-sd3, "
+                        "flux -> DIR/model-flux")
+    p.add_argument("--sdxl", action="store_true", help="the same as --family sdxl")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tools", help="helper tools; 'hcp tools NAME --help' for each")

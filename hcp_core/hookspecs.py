@@ -92,3 +92,19 @@ def hcp_register_losses(registry: FamilyRegistry) -> None:
 
     .. versionadded:: 0.1
     """
+
+
+@hookspec
+def hcp_register_models(registry: FamilyRegistry) -> None:
+    """Register model families: what differs between architectures (SD, SDXL, and yours).
+
+    ``registry.add(name, config=..., factory=..., detect=("MyPipeline",))``: ``detect`` lists the
+    diffusers pipeline classes (``model_index.json``'s ``_class_name``) whose folders the family
+    reads, so ``model.family`` can be left out; ``"single_file"`` claims lone checkpoint files.
+    Factory: ``factory(config) -> ModelFamily`` (see :class:`~hcp_core.interfaces.ModelFamily`)
+    with ``load``, ``load_skeleton``, ``latent_factor``, ``prompt_encoder``,
+    ``training_prediction`` and ``render``, and a ``parts`` tuple naming the model parts adapters
+    may target. Used as ``model.family = "<name>"`` or ``{ type = "<name>", ... }``.
+
+    .. versionadded:: 0.2
+    """

@@ -143,9 +143,23 @@ class ModelBundle:
     scheduler: Any
     text_encoder_2: Any = None
     tokenizer_2: Any = None
-    kind: str = "sd"  # "sd" (1.x/2.x) or "sdxl"
+    kind: str = "sd"  # "sd" (1.x/2.x) or "sdxl"; other families name themselves
+    #: Denoisers and encoders of other families (a diffusion transformer, a third text encoder).
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
     source: str = ""  # where it was loaded from, for metadata
     prediction_type: str = "epsilon"
+
+    @property
+    def denoiser(self) -> Any:
+        """The network that predicts noise or velocity: the UNet, or the transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    def modules(self) -> Dict[str, Any]:
+        """Every loaded torch module by part name (UNet or transformer, text encoders, VAE)."""
+        names = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def part(self, target: str) -> Any:
         """The module an adapter section targets ("unet", "text_encoder", "text_encoder_2")."""
@@ -223,4 +237,61 @@ class Adapter(Protocol):
 
     def export(self, models: ModelBundle, out_dir: str, step: Optional[int]) -> List[str]:
         """Write user-facing files (``step`` None = final); return their paths."""
+        ...
+
+
+# --------------------------------------------------------------------------- model families
+@attrs.frozen
+class TrainingPrediction:
+    """One micro-batch's denoiser output and what it is scored against.
+
+    ``weights`` (per sample, or None) multiply the loss (min-SNR, SD3-style weighting schemes);
+    ``timesteps`` and ``snr`` reach the loss in :class:`LossInputs`.
+    """
+
+    pred: Any  # the denoiser's output, shaped like ``target``
+    target: Any
+    timesteps: Any
+    snr: Any = None
+    weights: Any = None
+
+
+class ModelFamily(Protocol):
+    """Built by ``factory(config) -> ModelFamily`` (hook ``hcp_register_models``).
+
+    It owns what differs between architectures: loading, prompt encoding, the training
+    objective and rendering images. ``parts`` names the model parts adapters may target.
+    """
+
+    parts: Tuple[str, ...]
+
+    def load(self, pretrained: str, *, config: Optional[str] = None, prediction_type: Optional[str] = None) -> ModelBundle:
+        """The model at ``pretrained`` (a local folder or file), every part frozen, in fp32."""
+        ...
+
+    def load_skeleton(self, pretrained: str, *, config: Optional[str] = None,
+                      prediction_type: Optional[str] = None) -> Optional[ModelBundle]:
+        """The same modules on the ``meta`` device, no weight read (``hcp check``); None if impossible."""
+        ...
+
+    def latent_factor(self, models: ModelBundle) -> int:
+        """Pixels per latent side (bucket sides are multiples of it)."""
+        ...
+
+    def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> Any:
+        """A callable turning prompts into this family's text conditioning (adapters may wrap it)."""
+        ...
+
+    def training_prediction(self, models: ModelBundle, encoder: Any, batch: Mapping[str, Any], latents: Any,
+                            sample_ids: List[int], *, seed: int, step: int, train: Any, autocast: Any,
+                            train_text: bool) -> TrainingPrediction:
+        """Noise the scaled ``latents``, run the denoiser and return prediction and target.
+
+        Randomness must come from generators keyed on ``(seed, step, sample id)`` so that runs are
+        reproducible and resumable; ``train`` is the pipeline's ``[train]`` config.
+        """
+        ...
+
+    def render(self, models: ModelBundle, encoder: Any, params: Any, *, autocast: Any) -> Any:
+        """One PIL image for :class:`~hcp_core.generation.params.GenerationParams` (``[sample]``)."""
         ...

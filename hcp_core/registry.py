@@ -15,7 +15,7 @@ import attrs
 
 from .errors import PluginConflictError, UnknownComponentError, did_you_mean
 
-FAMILIES = ("data_sources", "buckets", "text_transforms", "adapters", "losses")
+FAMILIES = ("data_sources", "buckets", "text_transforms", "adapters", "losses", "models")
 #: Singular words for messages ("unknown bucket 'x'").
 FAMILY_NOUNS = {
     "data_sources": "data source",
@@ -23,6 +23,7 @@ FAMILY_NOUNS = {
     "text_transforms": "text transform",
     "adapters": "adapter",
     "losses": "loss",
+    "models": "model family",
 }
 
 
@@ -48,6 +49,10 @@ class Component:
     #: :class:`~hcp_core.interfaces.AdapterFiles` (which files this adapter reads, and how to merge
     #: one into a model). ``hcp generate --lora`` and ``hcp tools merge-lora`` find files through it.
     files: Optional[str] = None
+    #: Model families only: the diffusers pipeline class names (``model_index.json``'s
+    #: ``_class_name``) whose folders this family reads, and ``"single_file"`` if it reads a lone
+    #: checkpoint file when ``model.family`` is not set.
+    detect: tuple = ()
     #: The ``HCP_BLOCK_PLUGINS`` entry that blocks this component ("plugin" or "plugin:name"), or None.
     blocked_by: Optional[str] = None
 
@@ -103,10 +108,12 @@ class FamilyRegistry:
         sections: Optional[Mapping[str, str]] = None,
         options: Optional[tuple[str, type]] = None,
         files: Optional[str] = None,
+        detect: tuple = (),
     ) -> Component:
         """Register component ``name`` with its attrs ``config`` class and ``"module:attr"`` factory.
 
-        ``sections``, ``options`` and ``files`` are for adapters only (see :class:`Component`).
+        ``sections``, ``options`` and ``files`` are for adapters only, ``detect`` for model families
+        only (see :class:`Component`).
         """
         if not attrs.has(config):
             raise TypeError(f"{self.family} component '{name}': config must be an attrs class, got {config!r}")
@@ -115,10 +122,14 @@ class FamilyRegistry:
             raise TypeError(f"{self.family} component '{name}': sections, options and files are for adapters only")
         if files is not None:
             _check_ref(self.family, name, "files", files)
+        if detect and self.family != "models":
+            raise TypeError(f"{self.family} component '{name}': detect is for model families only")
+        if isinstance(detect, str) or not all(isinstance(d, str) for d in detect):
+            raise TypeError(f"model family '{name}': detect must be a tuple of pipeline class names, got {detect!r}")
         plugin, dist = self._owner
         entry = self._is_blocked(plugin, name)
         if entry:  # kept aside: never conflicts, never built
-            comp = attrs.evolve(self._make(name, config, factory, doc, sections, options, files), blocked_by=entry)
+            comp = attrs.evolve(self._make(name, config, factory, doc, sections, options, files, tuple(detect)), blocked_by=entry)
             return self._blocked.setdefault(name, comp)
         if name in self._components:
             other = self._components[name]
@@ -127,11 +138,11 @@ class FamilyRegistry:
                 f"{_from(other.distribution)} and by plugin '{plugin}'{_from(dist)}. "
                 f"Uninstall one of them or block one with HCP_BLOCK_PLUGINS."
             )
-        comp = self._make(name, config, factory, doc, sections, options, files)
+        comp = self._make(name, config, factory, doc, sections, options, files, tuple(detect))
         self._components[name] = comp
         return comp
 
-    def _make(self, name, config, factory, doc, sections, options, files) -> Component:  # type: ignore[no-untyped-def]
+    def _make(self, name, config, factory, doc, sections, options, files, detect) -> Component:  # type: ignore[no-untyped-def]
         plugin, dist = self._owner
         return Component(
             family=self.family,
@@ -144,6 +155,7 @@ class FamilyRegistry:
             sections=dict(sections or {}),
             options=options,
             files=files,
+            detect=detect,
         )
 
     def get(self, name: str) -> Component:
@@ -209,7 +221,7 @@ def describe_blocked(comp: Component) -> str:
 
 
 class Registry:
-    """All five families; built once at start-up by :func:`hcp_core.plugins.get_registry`."""
+    """All six families; built once at start-up by :func:`hcp_core.plugins.get_registry`."""
 
     def __init__(self) -> None:
         self.families: Dict[str, FamilyRegistry] = {f: FamilyRegistry(f) for f in FAMILIES}
@@ -241,6 +253,14 @@ class Registry:
     @property
     def losses(self) -> FamilyRegistry:
         return self.families["losses"]
+
+    @property
+    def models(self) -> FamilyRegistry:
+        return self.families["models"]
+
+    def family_for(self, pipeline_class: str) -> Optional[Component]:
+        """The model family that reads folders of ``pipeline_class`` (or ``"single_file"``), or None."""
+        return next((comp for comp in self.models if pipeline_class in comp.detect), None)
 
     def adapter_options(self) -> Dict[str, Component]:
         """Options-table section name -> the adapter component that owns it."""
@@ -304,3 +324,8 @@ class TextTransformSpec(ComponentSpec):
 @attrs.frozen
 class LossSpec(ComponentSpec):
     family = "losses"
+
+
+@attrs.frozen
+class ModelFamilySpec(ComponentSpec):
+    family = "models"

@@ -20,7 +20,8 @@ from lora_support import fixed_inputs, outputs, sections, trained_bundle
 
 def test_registered_with_its_sections():
     comp = get_registry().adapters.get("lora")
-    assert comp.sections == {"lora_unet": "unet", "lora_text_encoder": "text_encoder", "lora_text_encoder_2": "text_encoder_2"}
+    assert comp.sections == {"lora_unet": "unet", "lora_transformer": "transformer", "lora_text_encoder": "text_encoder",
+                             "lora_text_encoder_2": "text_encoder_2", "lora_text_encoder_3": "text_encoder_3"}
     assert comp.config is LoraGroupConfig and comp.load() is build_lora_adapter
 
 

@@ -231,7 +231,7 @@ prompt_template = "a photo of {{caption}}"
 """
     cfg = write_pipeline(tmp_path, pipeline_toml(sdxl_model_dir, demo_data_dir, tmp_path / "exp", adapters=LORA_ALL_PARTS,
                                                  max_steps=2, masks=True, extra=second))  # fmt: skip
-    from hcp_core.train import loop
+    from hcp_core.models import conditioning
 
     seen = []
 
@@ -239,7 +239,7 @@ prompt_template = "a photo of {{caption}}"
         seen.append((tuple(batch["target_size_hw"][0].tolist()), batch.get("weight_map") is not None))
         return unet_conditioning(encoder, batch, device)
 
-    monkeypatch.setattr(loop, "unet_conditioning", spy)
+    monkeypatch.setattr(conditioning, "unet_conditioning", spy)
     result = hcp_core.run(hcp_core.load_config(cfg))
     assert result.step == 2 and math.isfinite(result.last_loss)
     assert len(seen) == 4 and seen[1] == ((64, 64), False) and seen[3] == ((64, 64), False)

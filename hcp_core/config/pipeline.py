@@ -1,6 +1,7 @@
 """From merged TOML to a validated :class:`~hcp_core.config.schema.Pipeline`, and back."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -30,10 +31,12 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
     sections = registry.adapter_sections()
     option_tables = registry.adapter_options()
     core = {k: v for k, v in raw.items() if k in _TOML_FIELDS}
+    errors: List[str] = []
+    if isinstance(core.get("model"), Mapping):
+        core["model"] = _with_family(core["model"], registry, base_dir, errors)
     train = core.get("train", {})
     if isinstance(train, Mapping) and "loss" not in train:
         core["train"] = {**train, "loss": {"type": DEFAULT_LOSS}}
-    errors: List[str] = []
     for key in raw:
         if key not in _TOML_FIELDS and key not in sections and key not in option_tables:
             blocked = registry.blocked_adapter_section(key)
@@ -80,6 +83,48 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
         raise ConfigError("data: define at least one dataset, e.g. [data.dataset1] with sources and a bucket")
     return attrs.evolve(pipeline, adapters=adapters, adapter_options=options, base_dir=str(base_dir), raw=dict(raw),
                          registry=registry)
+
+
+def detect_family(registry: Registry, pretrained: str, config: Optional[str], base_dir: str) -> Optional[str]:
+    """The family that reads the model at ``pretrained``: by its folder's (or ``config``'s)
+    ``model_index.json`` class, or the ``single_file`` family for a lone file. None when the path
+    does not exist (the run reports that); ConfigError when no family reads it."""
+    path = os.path.join(base_dir, os.path.expanduser(pretrained))
+    folder = path if os.path.isdir(path) else (os.path.join(base_dir, config) if config else None)
+    if folder is not None and os.path.isfile(os.path.join(folder, "model_index.json")):
+        try:
+            with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as fh:
+                cls = str(json.load(fh).get("_class_name", ""))
+        except (OSError, ValueError, AttributeError):
+            return None  # the loader names the damaged file
+        comp = registry.family_for(cls)
+        if comp is None:
+            known = ", ".join(f"{c.name} ({', '.join(d for d in c.detect if d != 'single_file')})" for c in registry.models)
+            raise ConfigError(f"model.family: no installed model family reads {cls} folders ({folder}); "
+                              f"set model.family or install its plugin. Known: {known or 'none'}.")
+        return comp.name
+    if os.path.isfile(path):
+        comp = registry.family_for("single_file")
+        return comp.name if comp is not None else None
+    return None
+
+
+def _with_family(model: Mapping[str, Any], registry: Registry, base_dir: str, errors: List[str]) -> Dict[str, Any]:
+    """``model`` with ``family`` as a ``{type = ...}`` table: a bare name wrapped, a missing one detected."""
+    out = dict(model)
+    family = out.get("family")
+    if isinstance(family, str):
+        out["family"] = {"type": family}
+    elif family is None and isinstance(out.get("pretrained"), str):
+        try:
+            name = detect_family(registry, out["pretrained"], out.get("config") if isinstance(out.get("config"), str) else None,
+                                 str(base_dir))
+        except ConfigError as exc:
+            errors.append(str(exc))
+            name = None
+        if name is not None:
+            out["family"] = {"type": name}
+    return out
 
 
 def _lines(exc: ConfigError) -> List[str]:

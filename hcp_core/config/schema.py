@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 
-from ..registry import BucketSpec, LossSpec, SourceSpec
+from ..registry import BucketSpec, LossSpec, ModelFamilySpec, SourceSpec
 from .validators import at_least, each, fail, greater_than, in_range, not_blank, one_of, seed_in_range
 from .values import MAX_SIDE, fill_placeholders, parse_colour, parse_size, placeholders, unknown_scheduler
 
@@ -50,6 +50,9 @@ class ModelConfig:
     prediction_type: Optional[str] = attrs.field(default=None, validator=one_of(PREDICTION_TYPES))
     #: Keep the VAE in fp32 under fp16/bf16 (the SDXL VAE overflows in fp16).
     vae_fp32: bool = True
+    #: The model family (``"sd"``, ``"sdxl"``, a plugin's): a name or ``{ type = "...", ... }``
+    #: with the family's options. Left out, it is detected from the model folder.
+    family: Optional[ModelFamilySpec] = None
 
 
 @attrs.define

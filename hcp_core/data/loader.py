@@ -235,6 +235,7 @@ def build_train_data(
     rank: int = 0,
     world_size: int = 1,
     latent_factor: int = DEFAULT_LATENT_FACTOR,
+    size_multiple: Optional[int] = None,
     verify_images: bool = False,
     pin_memory: bool = False,
 ) -> TrainData:
@@ -257,6 +258,7 @@ def build_train_data(
             seed=pipeline.seed,
             verify_images=verify_images,
             latent_factor=latent_factor,
+            size_multiple=size_multiple,
         )
         log.info("%s", bucket_table(prepared))
         if prepared.problems:

@@ -195,9 +195,11 @@ def prepare_dataset(
     seed: int = 0,
     verify_images: bool = False,
     latent_factor: int = DEFAULT_LATENT_FACTOR,
+    size_multiple: Optional[int] = None,
 ) -> PreparedDataset:
     """Scan, check, optionally verify, and bucket dataset ``name``; ``registry`` is the
-    pipeline's (``pipeline.registry``).
+    pipeline's (``pipeline.registry``). Bucket sides must be multiples of ``size_multiple``
+    (default ``latent_factor``; a transformer that patches 2x2 latents needs twice that).
 
     Raises :class:`~hcp_core.errors.DataError` when nothing usable is left, naming the problems.
     """
@@ -214,7 +216,8 @@ def prepare_dataset(
         raise EmptyDatasetError(f"data.{name}: no usable images in its sources.{detail}{more}", problems)
     bucket = config.bucket.build(context=BucketContext(seed=seed, dataset=name))
     try:
-        sizes = check_bucket_sizes(bucket.fit([r.size for r in records]), latent_factor, f"data.{name}.bucket")
+        sizes = check_bucket_sizes(bucket.fit([r.size for r in records]), size_multiple or latent_factor,
+                                   f"data.{name}.bucket")
     except ValueError as exc:
         raise DataError(f"data.{name}.bucket ({config.bucket.name}): {exc}") from exc
     if not sizes:

@@ -78,6 +78,7 @@ def check_data(
     strict: bool = False,
     verify_images: bool = True,
     latent_factor: Optional[int] = None,
+    size_multiple: Optional[int] = None,
 ) -> bool:
     """The data part of ``hcp check``: per dataset the bucket table and every problem.
 
@@ -92,7 +93,7 @@ def check_data(
         try:
             prepared = prepare_dataset(
                 name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed,
-                verify_images=verify_images, latent_factor=latent_factor or DEFAULT_LATENT_FACTOR,
+                verify_images=verify_images, latent_factor=latent_factor or DEFAULT_LATENT_FACTOR, size_multiple=size_multiple,
             )  # fmt: skip
         except EmptyDatasetError as exc:
             print(f"data.{name}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)

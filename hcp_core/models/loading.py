@@ -62,7 +62,7 @@ def load_models(
     torch_dtype = _torch_dtype(dtype)
     path = Path(pretrained).expanduser()
     if not path.exists():
-        raise ModelLoadError(_missing_message(str(pretrained)))
+        raise ModelLoadError(missing_model_message(str(pretrained)))
     if path.is_dir():
         parts = _load_folder(path, prediction_type)
     else:
@@ -153,7 +153,7 @@ def load_model_skeleton(
 
     path = Path(pretrained).expanduser()
     if not path.exists():
-        raise ModelLoadError(_missing_message(str(pretrained)))
+        raise ModelLoadError(missing_model_message(str(pretrained)))
     if not path.is_dir():
         if config is None:
             return None
@@ -330,7 +330,8 @@ def _torch_dtype(dtype: Any):
     return getattr(torch, name)
 
 
-def _missing_message(pretrained: str) -> str:
+def missing_model_message(pretrained: str) -> str:
+    """Why a model path does not load: it does not exist (and what to do instead)."""
     message = f"model '{pretrained}' not found: there is no such file or folder."
     looks_like_repo = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
     if looks_like_repo:

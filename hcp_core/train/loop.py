@@ -19,9 +19,8 @@ import torch
 from ..config.pipeline import pipeline_to_dict
 from ..errors import UserError
 from ..interfaces import LossInputs
-from ..models.conditioning import unet_conditioning
 from . import checkpoint as ckpt
-from .diffusion import draw_noise_and_timesteps, min_snr_weights, sample_seed, snr, training_target
+from .diffusion import sample_seed
 from .interrupts import StopSignals, stopped
 from .progress import Progress
 from .setup import Run
@@ -133,29 +132,20 @@ def latents_of(run: Run, batch: Dict[str, Any], sample_ids: List[int], step: int
 def batch_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> torch.Tensor:
     """Weighted sum over datasets of the per-dataset mean loss for one micro-step."""
     total: Optional[torch.Tensor] = None
-    cfg, models = run.pipeline.train, run.models
-    scheduler = models.scheduler
     for ordinal, batch in enumerate(batches.values()):
         # Sample ids are stable across batch layouts and process counts (see diffusion.py).
         ids = [ordinal * 1_000_000_000 + int(i) for i in batch["indices"]]
         latents = latents_of(run, batch, ids, step)
-        noise, t = draw_noise_and_timesteps(
-            latents, ids, seed=run.pipeline.seed, step=step,
-            num_train_timesteps=scheduler.config.num_train_timesteps, noise_offset=cfg.noise_offset,
+        out = run.family.training_prediction(
+            run.models, run.prompt_encoder, batch, latents, ids, seed=run.pipeline.seed, step=step,
+            train=run.pipeline.train, autocast=run.accelerator.autocast, train_text=run.train_text,
         )
-        noisy = scheduler.add_noise(latents, noise, t)
-        with torch.set_grad_enabled(run.train_text), run.accelerator.autocast():
-            cond = unet_conditioning(run.prompt_encoder, batch, noisy.device)  # SDXL adds pooled + time ids
-        with run.accelerator.autocast():
-            pred = models.unet(noisy, t, **cond).sample
-        target = training_target(scheduler, latents, noise, t, models.prediction_type)
         weight_map = batch.get("weight_map")
-        snr_values = snr(scheduler, t)
-        per_sample = run.loss_fn(pred.float(), target.float(), LossInputs(
-            timesteps=t, weight_map=None if weight_map is None else weight_map.to(pred.device), snr=snr_values))
-        w = min_snr_weights(snr_values, cfg.min_snr_gamma, models.prediction_type)
-        if w is not None:
-            per_sample = per_sample * w
+        per_sample = run.loss_fn(out.pred.float(), out.target.float(), LossInputs(
+            timesteps=out.timesteps, weight_map=None if weight_map is None else weight_map.to(out.pred.device),
+            snr=out.snr))
+        if out.weights is not None:
+            per_sample = per_sample * out.weights
         term = per_sample.mean() * batch["loss_weight"]
         total = term if total is None else total + term
     assert total is not None

@@ -9,35 +9,34 @@ from ..data.report import check_data
 from ..errors import UserError
 
 
-def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional[int]]:
+def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional[int], Optional[int]]:
     """What ``hcp check`` prints for the model: the errors ``hcp run`` would meet after loading it.
 
     The model is built from its configs on the ``meta`` device (no weight is read, so this takes
     seconds even for SDXL), then ``model.clip_skip`` is checked and every adapter is attached to
     it: a layer pattern that matches nothing, a LoRA ``init_from`` file or a custom-word file
     that does not fit are reported with the very message the run would give. Returns (ok, the
-    VAE's latent factor for bucketing, or None when the model could not be built).
+    latent factor and the bucket size multiple, both None when the model could not be built).
     """
     import torch
 
     from ..interfaces import AdapterContext
-    from ..models.conditioning import make_prompt_encoder
-    from ..models.loading import load_model_skeleton
-    from .setup import build_adapters, latent_factor
+    from .setup import build_adapters, model_family, size_multiple
 
     model = pipeline.model
     try:
-        models = load_model_skeleton(model.pretrained, prediction_type=model.prediction_type, config=model.config)
+        family = model_family(pipeline)
+        models = family.load_skeleton(model.pretrained, prediction_type=model.prediction_type, config=model.config)
     except UserError as exc:
         print(f"model: ERROR: {exc}", file=out)
-        return False, None
+        return False, None, None
     if models is None:
         print(f"model: note: {model.pretrained} is a single-file checkpoint without model.config; its layers are "
               "checked only when the run loads it", file=out)
-        return True, None
+        return True, None, None
     errors: List[str] = []
     try:
-        make_prompt_encoder(models, clip_skip=model.clip_skip)
+        family.prompt_encoder(models, clip_skip=model.clip_skip)
     except UserError as exc:
         errors.append(str(exc))
     context = AdapterContext(exp_dir=str(pipeline.exp_dir), base_dir=pipeline.base_dir, clip_skip=model.clip_skip,
@@ -60,7 +59,7 @@ def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional
         print(f"model: ERROR: {message}", file=out)
     if not errors:
         print(f"model: OK: {model.pretrained} ({models.kind}); layer patterns and clip_skip fit it", file=out)
-    return not errors, latent_factor(models.vae)
+    return not errors, family.latent_factor(models), size_multiple(family, models)
 
 
 def check_pipeline(
@@ -76,7 +75,7 @@ def check_pipeline(
     ``check_model_layers`` is False), then :func:`~hcp_core.data.report.check_data` with the
     model's latent factor. Returns False when anything would stop the run (see check_data's
     ``strict``)."""
-    ok, factor = check_model(pipeline, out) if check_model_layers else (True, None)
+    ok, factor, multiple = check_model(pipeline, out) if check_model_layers else (True, None, None)
     data_ok = check_data(pipeline, out, registry=registry, strict=strict, verify_images=verify_images,
-                         latent_factor=factor)
+                         latent_factor=factor, size_multiple=multiple)
     return ok and data_ok

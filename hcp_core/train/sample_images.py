@@ -91,6 +91,7 @@ class SampleRenderer:
         prediction_type: Optional[str] = None,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         writer: Optional[Any] = None,
+        render: Optional[Callable[..., Any]] = None,
     ) -> None:
         self.config = config
         self.models = models
@@ -98,6 +99,8 @@ class SampleRenderer:
         self.exp_dir = Path(exp_dir)
         self.autocast = autocast
         self.writer = writer
+        #: The model family's renderer; None renders SD/SDXL with render_image.
+        self.render = render
         width, height = config.resolution(default_size)
         self.params = [
             GenerationParams(
@@ -121,7 +124,7 @@ class SampleRenderer:
         try:
             with isolated_from_training(rendered_modules(self.models), self.encoder):
                 for params in self.params:
-                    images.append(render_image(self.models, self.encoder, params, autocast=self.autocast))
+                    images.append((self.render or render_image)(self.models, self.encoder, params, autocast=self.autocast))
         except torch.OutOfMemoryError:
             # Hours of training are worth more than one set of samples: skip them, say how to fit them.
             if torch.cuda.is_available():

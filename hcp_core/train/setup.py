@@ -32,6 +32,7 @@ class Run:
     accelerator: Any
     exp_dir: Path
     lock: Optional[RunLock]  # held by the main process only
+    family: Any  # the ModelFamily (hook hcp_register_models): loading, prompts, the objective
     models: ModelBundle
     data: Any  # hcp_core.data.loader.TrainData
     adapters: List[Tuple[str, Any]]  # (component name, built adapter), in attach order
@@ -142,29 +143,44 @@ def build_run(pipeline: Pipeline, *, resume: bool = False, overwrite: bool = Fal
     """
     from accelerate.utils import set_seed
 
-    from ..data.loader import build_train_data
-    from ..models.conditioning import make_prompt_encoder
-    from ..models.loading import load_models
-
     acc = make_accelerator(pipeline)
     exp_dir, lock = open_folder(pipeline, acc, resume=resume, overwrite=overwrite)
     try:
-        return _build_parts(pipeline, acc, exp_dir, lock, set_seed, build_train_data, make_prompt_encoder, load_models)
+        set_seed(pipeline.seed)
+        return _build_parts(pipeline, acc, exp_dir, lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[RunLock], set_seed: Any,
-                 build_train_data: Any, make_prompt_encoder: Any, load_models: Any) -> Run:
+def size_multiple(family: Any, models: ModelBundle) -> int:
+    """What bucket sides must be multiples of: the family's ``size_multiple`` (optional member), or
+    its latent factor."""
+    multiple = getattr(family, "size_multiple", None)
+    return int(multiple(models)) if multiple is not None else int(family.latent_factor(models))
+
+
+def model_family(pipeline: Pipeline) -> Any:
+    """The pipeline's built model family; a model path that did not exist at validation is named."""
+    from ..models.loading import ModelLoadError, missing_model_message
+
+    if pipeline.model.family is None:
+        raise ModelLoadError(missing_model_message(pipeline.model.pretrained))
+    return pipeline.model.family.build()
+
+
+def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[RunLock]) -> Run:
+    from ..data.loader import build_train_data
+
     p, cfg = pipeline, pipeline.train
-    set_seed(p.seed)
     if acc.is_main_process:
         (exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
-    models: ModelBundle = load_models(p.model.pretrained, prediction_type=p.model.prediction_type, config=p.model.config)
+    family = model_family(p)
+    models: ModelBundle = family.load(p.model.pretrained, prediction_type=p.model.prediction_type, config=p.model.config)
     data = build_train_data(p, registry=p.registry, rank=acc.process_index, world_size=acc.num_processes,
-                            latent_factor=latent_factor(models.vae), verify_images=True)
+                            latent_factor=family.latent_factor(models), size_multiple=size_multiple(family, models),
+                            verify_images=True)
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
     context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
                              resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps})
@@ -177,7 +193,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
         sections = ", ".join(f"[[{s}]]" for s in sorted(p.registry.adapter_sections())) or "none registered"
         raise UserError(f"nothing to train: add at least one adapter section ({sections}) with layers/words that exist")
     trained = [prm for g in groups for prm in g["params"]]
-    text_encoders = [te for te in (models.text_encoder, models.text_encoder_2) if te is not None]
+    text_encoders = [m for name, m in models.modules().items() if name.startswith("text_encoder")]
     train_text = any(prm.requires_grad for te in text_encoders for prm in te.parameters())
     place_models(models, acc.device, p.model)
     data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
@@ -187,14 +203,14 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     # train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
     optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
     lr_scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
-    prompt_encoder = make_prompt_encoder(models, clip_skip=p.model.clip_skip)  # SDXL: both encoders
+    prompt_encoder = family.prompt_encoder(models, clip_skip=p.model.clip_skip)
     for _, adapter in adapters:  # e.g. prompt tuning expands custom words into their tokens
         wrap = getattr(adapter, "wrap_prompt_encoder", None)
         if wrap is not None:
             prompt_encoder = wrap(prompt_encoder)
     writer = open_tensorboard(exp_dir) if acc.is_main_process else None
     run = Run(
-        pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, models=models, data=data, adapters=adapters,
+        pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, family=family, models=models, data=data, adapters=adapters,
         trained_params=trained, train_text=train_text, optimizer=optimizer, lr_scheduler=lr_scheduler,
         prompt_encoder=prompt_encoder, loss_fn=p.train.loss.build(),
         ema=Ema(trained, cfg.ema.decay) if cfg.ema.enabled else None, first_bucket=first_bucket, writer=writer,
@@ -205,10 +221,8 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
 def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:
     """Move every part to ``device``; frozen weights go half precision on CUDA (trained ones stay fp32)."""
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(model_cfg.mixed_precision) if device.type == "cuda" else None
-    parts = (("unet", models.unet), ("text_encoder", models.text_encoder), ("text_encoder_2", models.text_encoder_2),
-             ("vae", models.vae))
     trains = {}
-    for name, module in ((n, m) for n, m in parts if m is not None):
+    for name, module in models.modules().items():
         trains[name] = any(prm.requires_grad for prm in module.parameters())
         module.to(device)
         module.train(trains[name])
@@ -217,9 +231,10 @@ def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:
                 if not prm.requires_grad:
                     prm.data = prm.data.to(half)
     if model_cfg.gradient_checkpointing:
-        if trains.get("unet"):
-            models.unet.enable_gradient_checkpointing()
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in ("unet", "transformer"):
+            if trains.get(name):
+                getattr(models, name).enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             te = getattr(models, name)
             if te is not None and trains.get(name) and hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()
@@ -246,10 +261,5 @@ def build_renderer(run: Run) -> Any:
         p.sample, models=run.models, prompt_encoder=run.prompt_encoder, exp_dir=run.exp_dir,
         default_size=run.first_bucket, model_path=str((Path(p.base_dir) / p.model.pretrained).resolve()),
         clip_skip=p.model.clip_skip, prediction_type=p.model.prediction_type,
-        autocast=run.accelerator.autocast, writer=run.writer,
+        autocast=run.accelerator.autocast, writer=run.writer, render=run.family.render,
     )  # fmt: skip
-
-
-def latent_factor(vae: Any) -> int:
-    """Pixels per latent side: 2 ** (number of VAE down blocks - 1), 8 for SD."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)

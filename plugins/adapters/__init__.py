@@ -15,17 +15,22 @@ from .prompt_tuning.config import PromptTuningConfig
 
 @hookimpl
 def hcp_register_adapters(registry: FamilyRegistry) -> None:
-    """Register ``lora`` ([[lora_unet]], [[lora_text_encoder]], [[lora_text_encoder_2]], [lora]),
-    ``finetune`` ([[unet]], [[text_encoder]], [[text_encoder_2]]) and ``prompt_tuning`` ([tokenizer_pt]).
+    """Register ``lora`` ([[lora_unet]], [[lora_transformer]], [[lora_text_encoder]],
+    [[lora_text_encoder_2]], [[lora_text_encoder_3]], [lora]), ``finetune`` ([[unet]],
+    [[transformer]], [[text_encoder]], [[text_encoder_2]], [[text_encoder_3]]) and
+    ``prompt_tuning`` ([tokenizer_pt]).
 
     The ``*_text_encoder_2`` sections target SDXL's second text encoder (OpenCLIP bigG);
     ``[[lora_text_encoder]]`` / ``[[text_encoder]]`` are its first (CLIP ViT-L) on SDXL.
+    ``*transformer`` sections target the diffusion transformer of families that have one
+    (SD3, FLUX); ``*_text_encoder_3`` SD3's T5.
     """
     registry.add(
         "lora",
         config=LoraGroupConfig,
         factory="hcp_plugins.adapters.lora.adapter:build_lora_adapter",
-        sections={"lora_unet": "unet", "lora_text_encoder": "text_encoder", "lora_text_encoder_2": "text_encoder_2"},
+        sections={"lora_unet": "unet", "lora_transformer": "transformer", "lora_text_encoder": "text_encoder",
+                  "lora_text_encoder_2": "text_encoder_2", "lora_text_encoder_3": "text_encoder_3"},
         options=("lora", LoraOptions),
         files="hcp_plugins.adapters.lora.files:LoraFiles",  # hcp generate --lora, hcp tools merge-lora
     )
@@ -33,7 +38,8 @@ def hcp_register_adapters(registry: FamilyRegistry) -> None:
         "finetune",
         config=FinetuneGroup,
         factory="hcp_plugins.adapters.finetune.adapter:FinetuneAdapter",
-        sections={"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+        sections={"unet": "unet", "transformer": "transformer", "text_encoder": "text_encoder",
+                  "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3"},
     )
     registry.add(
         "prompt_tuning",

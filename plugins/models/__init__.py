@@ -1,0 +1,27 @@
+"""Built-in model families: Stable Diffusion 1.x/2.x (``sd``) and SDXL (``sdxl``).
+
+A family is chosen by ``model.family`` or detected from the model folder's ``model_index.json``
+(its ``_class_name``); ``detect`` lists the pipeline classes each family reads, and
+``"single_file"`` marks the family that reads a lone checkpoint file.
+"""
+from __future__ import annotations
+
+import attrs
+
+from hcp_core.hookspecs import hookimpl
+
+
+@attrs.define
+class StableDiffusionConfig:
+    """Stable Diffusion 1.x/2.x or SDXL: a UNet, CLIP text encoder(s), the DDPM objective
+    (epsilon or v-prediction, see [train] noise_offset and min_snr_gamma). No options of its own."""
+
+
+@hookimpl
+def hcp_register_models(registry) -> None:
+    factory = "hcp_plugins.models.stable_diffusion:build_family"
+    registry.add("sd", config=StableDiffusionConfig, factory=factory,
+                 detect=("StableDiffusionPipeline", "single_file"),
+                 doc="Stable Diffusion 1.x/2.x: UNet, one CLIP text encoder, DDPM (epsilon or v-prediction)")
+    registry.add("sdxl", config=StableDiffusionConfig, factory=factory, detect=("StableDiffusionXLPipeline",),
+                 doc="SDXL: UNet with pooled text and size/crop conditioning, two CLIP text encoders, DDPM")

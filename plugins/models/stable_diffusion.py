@@ -1,0 +1,99 @@
+"""The Stable Diffusion families: SD 1.x/2.x (``sd``) and SDXL (``sdxl``).
+
+A UNet denoiser with CLIP text encoders (SDXL: two, plus pooled embeddings and size/crop time
+ids), a VAE with 4 latent channels, and the DDPM objective: per-sample noise and timesteps, the
+epsilon or v-prediction target, optional noise offset and min-SNR weighting. The building blocks
+(loading, CLIP prompt encoding, the DDPM objective, rendering) are hcp's shared model code in
+:mod:`hcp_core.models` and :mod:`hcp_core.train.diffusion`; this class is what ties them into
+one family behind the ``hcp_register_models`` hook.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager, List, Mapping, Optional
+
+import torch
+
+from hcp_core.interfaces import ModelBundle, TrainingPrediction
+
+
+class StableDiffusionFamily:
+    """SD 1.x/2.x and SDXL (the loader tells them apart by the folder's or file's parts)."""
+
+    #: Model parts adapters may target.
+    parts = ("unet", "text_encoder", "text_encoder_2")
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    # ------------------------------------------------------------------ loading
+    def load(self, pretrained: str, *, config: Optional[str] = None, prediction_type: Optional[str] = None) -> ModelBundle:
+        """The model at ``pretrained`` (diffusers folder or single file), frozen, in fp32."""
+        from hcp_core.models.loading import load_models
+
+        return load_models(pretrained, prediction_type=prediction_type, config=config)
+
+    def load_skeleton(self, pretrained: str, *, config: Optional[str] = None,
+                      prediction_type: Optional[str] = None) -> Optional[ModelBundle]:
+        """The model's modules on the ``meta`` device (no weights read); None for a lone single file."""
+        from hcp_core.models.loading import load_model_skeleton
+
+        return load_model_skeleton(pretrained, prediction_type=prediction_type, config=config)
+
+    def latent_factor(self, models: ModelBundle) -> int:
+        """Pixels per latent side: 2 ** (VAE down blocks - 1), 8 for SD."""
+        return 2 ** (len(models.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> Any:
+        """CLIP prompt encoding with webui-style 75-token chunks and clip skip (SDXL: both encoders)."""
+        from hcp_core.models.conditioning import make_prompt_encoder
+
+        return make_prompt_encoder(models, clip_skip=clip_skip)
+
+    # ------------------------------------------------------------------ the objective
+    def training_prediction(
+        self,
+        models: ModelBundle,
+        encoder: Any,
+        batch: Mapping[str, Any],
+        latents: torch.Tensor,
+        sample_ids: List[int],
+        *,
+        seed: int,
+        step: int,
+        train: Any,
+        autocast: Callable[[], ContextManager],
+        train_text: bool,
+    ) -> TrainingPrediction:
+        """DDPM: noise and a timestep per sample, the UNet's prediction and its epsilon/v target."""
+        from hcp_core.models.conditioning import unet_conditioning
+        from hcp_core.train.diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
+
+        scheduler = models.scheduler
+        noise, t = draw_noise_and_timesteps(
+            latents, sample_ids, seed=seed, step=step,
+            num_train_timesteps=scheduler.config.num_train_timesteps, noise_offset=train.noise_offset,
+        )
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.set_grad_enabled(train_text), autocast():
+            cond = unet_conditioning(encoder, batch, noisy.device)  # SDXL adds pooled + time ids
+        with autocast():
+            pred = models.unet(noisy, t, **cond).sample
+        target = training_target(scheduler, latents, noise, t, models.prediction_type)
+        snr_values = snr(scheduler, t)
+        weights = min_snr_weights(snr_values, train.min_snr_gamma, models.prediction_type)
+        return TrainingPrediction(pred=pred, target=target, timesteps=t, snr=snr_values, weights=weights)
+
+    # ------------------------------------------------------------------ images
+    def render(self, models: ModelBundle, encoder: Any, params: Any, *,
+               autocast: Callable[[], ContextManager]) -> Any:
+        """One PIL image for generation parameters ``params`` with the models as they are now."""
+        from hcp_core.generation.render import render_image
+
+        return render_image(models, encoder, params, autocast=autocast)
+
+
+def build_family(config: Any) -> StableDiffusionFamily:
+    """Factory of the ``sd`` and ``sdxl`` components."""
+    return StableDiffusionFamily(config)
+

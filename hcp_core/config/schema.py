@@ -53,6 +53,9 @@ class ModelConfig:
     #: The model family (``"sd"``, ``"sdxl"``, a plugin's): a name or ``{ type = "...", ... }``
     #: with the family's options. Left out, it is detected from the model folder.
     family: Optional[ModelFamilySpec] = None
+    #: Encode every (fixed) prompt once before training and move the text encoders off the GPU
+    #: (families whose prompt outputs have a fixed shape: FLUX, SD3; see docs/training.md).
+    cache_text: bool = False
 
 
 @attrs.define

@@ -27,7 +27,7 @@ REFUSED = (
     "train.gradient_accumulation", "data.**", "<adapters>.**",
 )
 #: Exceptions to REFUSED: keys that apply. Folder paths may change: data moves between disks.
-ALLOWED = ("model.gradient_checkpointing", "data.*.num_workers", "data.*.cache_dir", "**.lr",
+ALLOWED = ("model.gradient_checkpointing", "model.cache_text", "data.*.num_workers", "data.*.cache_dir", "**.lr",
            "data.**.img_root", "data.**.att_mask", "**.emb_dir")
 
 

@@ -208,6 +208,9 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
         wrap = getattr(adapter, "wrap_prompt_encoder", None)
         if wrap is not None:
             prompt_encoder = wrap(prompt_encoder)
+    if p.model.cache_text:
+        prompt_encoder = cached_text(p, family, models, data, prompt_encoder, wrapped=any(
+            getattr(a, "wrap_prompt_encoder", None) for _, a in adapters), train_text=train_text, device=acc.device)
     writer = open_tensorboard(exp_dir) if acc.is_main_process else None
     run = Run(
         pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, family=family, models=models, data=data, adapters=adapters,
@@ -216,6 +219,23 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
         ema=Ema(trained, cfg.ema.decay) if cfg.ema.enabled else None, first_bucket=first_bucket, writer=writer,
     )  # fmt: skip
     return attrs.evolve(run, renderer=build_renderer(run))
+
+
+def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encoder: Any, *, wrapped: bool,
+                train_text: bool, device: Any) -> Any:
+    """The prompt encoder replaced by one that serves outputs computed once (``model.cache_text``)."""
+    from ..config.values import fill_placeholders
+    from .text_cache import cache_text
+
+    if not getattr(family, "text_cache", False):
+        raise UserError(f"model.cache_text: the {p.model.family.name} family does not support caching text-encoder "
+                        "outputs (its prompt encodings vary in length); set cache_text = false")
+    if train_text or wrapped:
+        raise UserError("model.cache_text needs frozen text encoders and plain prompts, but this run trains a text "
+                        "encoder or custom words; set cache_text = false")
+    extra = [] if p.sample is None else [*(fill_placeholders(x, p.sample.word_names) for x in p.sample.prompts),
+                                         p.sample.negative_prompt]
+    return cache_text(encoder, models, data.prepared, extra, device=device)
 
 
 def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:

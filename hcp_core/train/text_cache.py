@@ -1,0 +1,131 @@
+"""Text-encoder outputs computed once (``model.cache_text = true``).
+
+With frozen text encoders and prompts that never change, every prompt a run will use (each
+sample's, and the ``[sample]`` prompts) is encoded once before training; the encoders then leave
+the GPU (T5-XXL alone is ~9 GB in bf16). A family opts in with ``text_cache = True`` when its
+prompt encoder's outputs have a fixed shape per prompt (FLUX, SD3: T5 padded to a fixed length),
+so that stacking cached rows gives exactly what encoding the batch would.
+
+Prompts are fixed when building them draws no randomness: each record's prompt is built with a
+random generator that refuses to be used; a random template choice or a random tag transform
+makes caching impossible, and the run says which dataset is at fault.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import Any, Dict, Iterable, List, Mapping, Sequence
+
+import attrs
+import torch
+
+from ..data.prompts import build_prompt
+from ..errors import ConfigError
+
+log = logging.getLogger("hcp")
+
+
+class _RandomUsed(Exception):
+    pass
+
+
+class _NoRandom(random.Random):
+    """A generator that raises when anything draws from it."""
+
+    def random(self) -> float:  # type: ignore[override]
+        raise _RandomUsed
+
+    def getrandbits(self, k: int) -> int:  # type: ignore[override]
+        raise _RandomUsed
+
+
+def fixed_prompts(prepared: Mapping[str, Any]) -> List[str]:
+    """Every distinct training prompt of the prepared datasets; ConfigError if one is random."""
+    out: Dict[str, None] = {}
+    for name, dataset in prepared.items():
+        for record in dataset.records:
+            try:
+                out[build_prompt(record, _NoRandom())] = None
+            except _RandomUsed:
+                raise ConfigError(
+                    f"model.cache_text: the prompts of data.{name} change from epoch to epoch (several templates "
+                    f"or a random text transform such as tag_shuffle, for {record.image}); encode them live "
+                    "(cache_text = false) or make the prompts fixed"
+                ) from None
+    return list(out)
+
+
+def _fields(obj: Any) -> Dict[str, Any]:
+    """The fields of an encoder output: a mapping, an attrs instance or a dataclass."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if attrs.has(type(obj)):
+        return attrs.asdict(obj, recurse=False)
+    if dataclasses.is_dataclass(obj):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    raise TypeError(f"cannot cache prompt encoder outputs of type {type(obj).__name__}")
+
+
+def _rebuild(like: Any, fields: Dict[str, Any]) -> Any:
+    if isinstance(like, Mapping):
+        return fields
+    return attrs.evolve(like, **fields) if attrs.has(type(like)) else dataclasses.replace(like, **fields)
+
+
+def _map(obj: Any, fn: Any) -> Any:
+    """``obj`` with ``fn`` applied to its tensors (obj a tensor or a structure of them)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    return _rebuild(obj, {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in _fields(obj).items()})
+
+
+def _rows(output: Any) -> List[Any]:
+    """Split a batched encoder output (a tensor or a structure of [B, ...] tensors) into rows."""
+    if isinstance(output, torch.Tensor):
+        return list(output.unbind(0))
+    n = next(v.shape[0] for v in _fields(output).values() if isinstance(v, torch.Tensor))
+    return [_map(output, lambda t, i=i: t[i]) for i in range(n)]
+
+
+def _stack(rows: Sequence[Any], device: Any) -> Any:
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(rows)).to(device)
+    fields = {k: (torch.stack([_fields(r)[k] for r in rows]).to(device) if isinstance(v, torch.Tensor) else v)
+              for k, v in _fields(first).items()}
+    return _rebuild(first, fields)
+
+
+class CachedPromptEncoder:
+    """Stands in for a prompt encoder: returns stored outputs for the prompts it was built with."""
+
+    def __init__(self, encoder: Any, prompts: Iterable[str], *, device: Any, batch_size: int = 8) -> None:
+        self.device = device
+        self.rows: Dict[str, Any] = {}
+        unique = list(dict.fromkeys(prompts))
+        with torch.no_grad():
+            for start in range(0, len(unique), batch_size):
+                chunk = unique[start:start + batch_size]
+                for prompt, row in zip(chunk, _rows(encoder(chunk))):
+                    self.rows[prompt] = _map(row, lambda t: t.detach().to("cpu"))
+
+    def __call__(self, prompts: Any) -> Any:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in prompts if p not in self.rows]
+        if missing:
+            raise KeyError(f"prompt not in the text cache: {missing[0]!r}")
+        return _stack([self.rows[p] for p in prompts], self.device)
+
+
+def cache_text(encoder: Any, models: Any, prepared: Mapping[str, Any], extra_prompts: Sequence[str], *,
+               device: Any) -> CachedPromptEncoder:
+    """Encode every training and ``extra_prompts`` prompt once, then move the text encoders to the CPU."""
+    prompts = fixed_prompts(prepared) + list(extra_prompts)
+    cached = CachedPromptEncoder(encoder, prompts, device=device)
+    for name, module in models.modules().items():
+        if name.startswith("text_encoder"):
+            module.to("cpu")
+    log.info("text encoder outputs of %d prompts cached; the text encoders left the %s", len(cached.rows),
+             getattr(device, "type", device))
+    return cached

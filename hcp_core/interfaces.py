@@ -261,6 +261,11 @@ class ModelFamily(Protocol):
 
     It owns what differs between architectures: loading, prompt encoding, the training
     objective and rendering images. ``parts`` names the model parts adapters may target.
+
+    Optional members: ``size_multiple(models) -> int`` (what bucket sides must be multiples of,
+    default the latent factor; a transformer patching 2x2 latents needs twice it) and
+    ``text_cache = True`` (prompt outputs have a fixed shape per prompt, so ``model.cache_text``
+    may encode them once).
     """
 
     parts: Tuple[str, ...]

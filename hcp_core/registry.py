@@ -260,7 +260,13 @@ class Registry:
 
     def family_for(self, pipeline_class: str) -> Optional[Component]:
         """The model family that reads folders of ``pipeline_class`` (or ``"single_file"``), or None."""
-        return next((comp for comp in self.models if pipeline_class in comp.detect), None)
+        found = [comp for comp in self.models if pipeline_class in comp.detect]
+        if len(found) > 1:
+            raise PluginConflictError(
+                f"model families '{found[0].name}' (plugin '{found[0].plugin}') and '{found[1].name}' (plugin "
+                f"'{found[1].plugin}') both read {pipeline_class}; set model.family to choose one"
+            )
+        return found[0] if found else None
 
     def adapter_options(self) -> Dict[str, Component]:
         """Options-table section name -> the adapter component that owns it."""

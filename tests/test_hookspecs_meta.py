@@ -60,6 +60,11 @@ def _use_loss(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], Any]:
     return lambda p: p.train.loss
 
 
+def _use_model_family(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], Any]:
+    raw["model"]["family"] = {"type": name, "value": 3}
+    return lambda p: p.model.family
+
+
 #: Where a pipeline uses a component of each family; returns how to find it in the result.
 USES = {
     "hcp_register_data_sources": _use_source,
@@ -67,6 +72,13 @@ USES = {
     "hcp_register_text_transforms": _use_text_transform,
     "hcp_register_adapters": _use_adapter,
     "hcp_register_losses": _use_loss,
+    "hcp_register_models": _use_model_family,
+}
+
+#: What the temporary plugin passes to ``registry.add`` besides name, config and factory.
+EXTRA_ARGUMENTS = {
+    "adapters": {"sections": {"meta_section": "unet"}},
+    "models": {"detect": ("MetaPipeline",)},
 }
 
 
@@ -75,8 +87,8 @@ def temporary_plugin(hook: str, component: str) -> types.ModuleType:
 
     @hookimpl
     def register(registry) -> None:
-        extra = {"sections": {"meta_section": "unet"}} if registry.family == "adapters" else {}
-        registry.add(component, config=MetaConfig, factory="test_hookspecs_meta:MetaConfig", **extra)
+        registry.add(component, config=MetaConfig, factory="test_hookspecs_meta:MetaConfig",
+                     **EXTRA_ARGUMENTS.get(registry.family, {}))
 
     plugin = types.ModuleType(f"meta_{hook}")
     setattr(plugin, hook, register)
@@ -137,7 +149,42 @@ def test_every_argument_of_registry_add_is_documented_in_contributing() -> None:
     arguments = [p for p in inspect.signature(FamilyRegistry.add).parameters if p != "self"]
     missing = [a for a in arguments if not re.search(rf"^\| `{a}` +\|", text, re.M)]
     assert not missing, f"CONTRIBUTING.md's registry.add table lacks: {missing}"
-    assert f"registry.add(name, *, {', '.join(a if a in ('config', 'factory') else a + '=None' for a in arguments[1:])})" in text
+    params = inspect.signature(FamilyRegistry.add).parameters
+    shown = ", ".join(a if params[a].default is inspect.Parameter.empty else f"{a}={params[a].default!r}" for a in arguments[1:])
+    assert f"registry.add(name, *, {shown})" in text
+
+
+def test_model_family_detection_is_exercised_by_a_temporary_plugin(tmp_path: Path) -> None:
+    """``detect=`` reaches the component; a folder whose ``model_index.json`` names one of its
+    pipeline classes picks the family when ``model.family`` is left out; a bare name is a table."""
+    registry = build_registry(extra_plugins=[core_components, temporary_plugin("hcp_register_models", "meta_models")])
+    comp = registry.models.get("meta_models")
+    assert comp.detect == ("MetaPipeline",) and registry.family_for("MetaPipeline") is comp
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model_index.json").write_text('{"_class_name": "MetaPipeline"}')
+    raw = tomllib.loads(core_components.MINIMAL_TOML)
+    detected = build_pipeline(raw, registry, base_dir=str(tmp_path)).model.family
+    assert (detected.name, detected.config) == ("meta_models", MetaConfig())
+    raw["model"]["family"] = "meta_models"
+    named = build_pipeline(raw, registry, base_dir=str(tmp_path / "elsewhere")).model.family
+    assert (named.name, named.config) == ("meta_models", MetaConfig())
+    with pytest.raises(TypeError, match="detect is for model families only"):
+        registry.losses.add("meta_detect", config=MetaConfig, factory="test_hookspecs_meta:MetaConfig", detect=("X",))
+
+
+def test_model_family_members_are_documented_in_contributing() -> None:
+    """Every member of the ModelFamily protocol, the optional ``size_multiple`` (which the run
+    reads when present) and every TrainingPrediction field are described in the Model families section."""
+    text = CONTRIBUTING.read_text(encoding="utf-8")
+    section = text.split("### Model families", 1)[1].split("\n## ", 1)[0]
+    members = [n for n in vars(interfaces.ModelFamily) if not n.startswith("_")]
+    members += list(interfaces.ModelFamily.__annotations__)
+    assert {"parts", "load", "load_skeleton", "latent_factor", "prompt_encoder", "training_prediction", "render"} <= set(members)
+    missing = [m for m in members if f"`{m}" not in section]
+    assert not missing, f"CONTRIBUTING.md's Model families section does not describe {missing}"
+    assert "optional `size_multiple" in section
+    fields = [f.name for f in attrs.fields(interfaces.TrainingPrediction)]
+    assert not [f for f in fields if f"`{f}`" not in section], "describe every TrainingPrediction field"
 
 
 def test_optional_adapter_members_are_documented_in_contributing() -> None:

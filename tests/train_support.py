@@ -13,8 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline_toml(model: Path, data: Path, exp_dir: Path, *, extra: str = "", adapters: str | None = None,
-                  max_steps: int = 4, batch_size: int = 2, save_every: int = 0, masks: bool = False) -> str:
-    """A tiny LoRA pipeline on the demo model (64x64-area buckets, a few steps)."""
+                  max_steps: int = 4, batch_size: int = 2, save_every: int = 0, masks: bool = False,
+                  bucket: str = '{ type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }',
+                  scheduler: str = '{ type = "cosine", warmup_steps = 1 }') -> str:
+    """A tiny LoRA pipeline on the demo model (64x64-area buckets, a few steps); ``bucket`` and
+    ``scheduler`` are TOML inline tables."""
     mask_line = f'att_mask = "{data / "att_mask"}"' if masks else ""
     if adapters is None:
         adapters = """
@@ -36,11 +39,11 @@ max_steps = {max_steps}
 save_every = {save_every}
 log_every = 1
 optimizer = {{ type = "adamw" }}
-scheduler = {{ type = "cosine", warmup_steps = 1 }}
+scheduler = {scheduler}
 
 [data.ds]
 batch_size = {batch_size}
-bucket = {{ type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }}
+bucket = {bucket}
 
 [[data.ds.sources]]
 type = "image_folder"

@@ -21,11 +21,12 @@ def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional
     import torch
 
     from ..interfaces import AdapterContext
-    from .setup import build_adapters, model_family, size_multiple
+    from .setup import build_adapters, check_parts, model_family, size_multiple
 
     model = pipeline.model
     try:
         family = model_family(pipeline)
+        check_parts(pipeline, family)
         models = family.load_skeleton(model.pretrained, prediction_type=model.prediction_type, config=model.config)
     except UserError as exc:
         print(f"model: ERROR: {exc}", file=out)

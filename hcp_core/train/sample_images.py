@@ -42,8 +42,7 @@ def step_folder(exp_dir: str | Path, step: int) -> Path:
 
 def rendered_modules(models: ModelBundle) -> List[torch.nn.Module]:
     """The modules a sample runs: UNet, text encoder(s) (SDXL's second too) and VAE."""
-    parts = (models.unet, models.text_encoder, getattr(models, "text_encoder_2", None), models.vae)
-    return [m for m in parts if m is not None]
+    return list(models.modules().values())
 
 
 def _word_counts(encoder: Any) -> List[Dict[str, int]]:

@@ -161,6 +161,17 @@ def size_multiple(family: Any, models: ModelBundle) -> int:
     return int(multiple(models)) if multiple is not None else int(family.latent_factor(models))
 
 
+def check_parts(pipeline: Pipeline, family: Any) -> None:
+    """Every adapter section targets a part the family has (``[[lora_unet]]`` on FLUX is an error)."""
+    owners = pipeline.registry.adapter_sections()
+    parts = tuple(getattr(family, "parts", ()))
+    wrong = [s for s in pipeline.adapters if parts and owners[s][1] not in parts]
+    if wrong:
+        usable = sorted(s for s, (_, target) in owners.items() if target in parts)
+        raise UserError(f"{', '.join(f'[[{s}]]' for s in wrong)}: the {pipeline.model.family.name} model has no "
+                        f"'{owners[wrong[0]][1]}'; its parts are {', '.join(parts)} (sections: {', '.join(usable)})")
+
+
 def model_family(pipeline: Pipeline) -> Any:
     """The pipeline's built model family; a model path that did not exist at validation is named."""
     from ..models.loading import ModelLoadError, missing_model_message
@@ -184,6 +195,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
     context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
                              resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps})
+    check_parts(p, family)
     adapters = build_adapters(p, context)
     groups: List[Dict[str, Any]] = []
     for _, adapter in adapters:

@@ -1,4 +1,4 @@
-"""Built-in model families: Stable Diffusion 1.x/2.x (``sd``) and SDXL (``sdxl``).
+"""Built-in model families: Stable Diffusion 1.x/2.x (``sd``), SDXL (``sdxl``) and FLUX.1 (``flux``).
 
 A family is chosen by ``model.family`` or detected from the model folder's ``model_index.json``
 (its ``_class_name``); ``detect`` lists the pipeline classes each family reads, and
@@ -9,6 +9,8 @@ from __future__ import annotations
 import attrs
 
 from hcp_core.hookspecs import hookimpl
+
+from .config import FluxConfig
 
 
 @attrs.define
@@ -25,3 +27,5 @@ def hcp_register_models(registry) -> None:
                  doc="Stable Diffusion 1.x/2.x: UNet, one CLIP text encoder, DDPM (epsilon or v-prediction)")
     registry.add("sdxl", config=StableDiffusionConfig, factory=factory, detect=("StableDiffusionXLPipeline",),
                  doc="SDXL: UNet with pooled text and size/crop conditioning, two CLIP text encoders, DDPM")
+    registry.add("flux", config=FluxConfig, factory="hcp_plugins.models.flux:build_family", detect=("FluxPipeline",),
+                 doc="FLUX.1 (dev or schnell): flow-matching transformer, CLIP-L pooled + T5 text, 16-channel VAE")

@@ -1,8 +1,9 @@
-"""Full fine-tuning of chosen layers: ``[[unet]]`` and ``[[text_encoder]]`` groups.
+"""Full fine-tuning of chosen layers: ``[[unet]]`` / ``[[transformer]]`` and ``[[text_encoder]]`` groups.
 
 Each group trains every parameter of the modules its ``layers`` select (a module name from
 ``named_modules()`` means the module and everything inside it; ``re:`` + regex uses ``re.match``)
-with its own learning rate; everything not named stays frozen.
+with its own learning rate; everything not named stays frozen. The export names each tensor
+``<part>.<parameter path>`` (``unet.``, ``transformer.``, ``text_encoder.`` ...).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from safetensors.torch import save_file
 
-from hcp_core.errors import ConfigError
+from hcp_core.errors import ConfigError, UserError
 from hcp_core.fileio import atomic_write
 from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.layer_select import select_modules
@@ -33,7 +34,10 @@ class FinetuneAdapter:
         groups: List[Dict[str, Any]] = []
         owner: Dict[int, str] = {}
         for target, configs in self.sections.items():
-            model = models.part(target)
+            try:
+                model = models.part(target)
+            except ValueError as exc:  # e.g. [[transformer]] on an SD model, [[unet]] on FLUX
+                raise UserError(f"[[{target}]]: {exc}") from None
             for gi, cfg in enumerate(configs):
                 selected = select_modules(model, list(cfg.layers), what=f"{target}[{gi}].layers")
                 names: Dict[str, torch.nn.Parameter] = {}

@@ -1,8 +1,9 @@
 """The ``lora`` adapter: puts LoRA branches into the chosen layers, trains and exports them.
 
 Built by the training engine as ``build_lora_adapter(sections, context=...)`` where ``sections``
-maps a model part ("unet", "text_encoder") to the list of :class:`LoraGroupConfig` of every
-``[[lora_unet]]`` / ``[[lora_text_encoder]]`` table. Settings for the files it writes come from
+maps a model part ("unet", "transformer", "text_encoder", ...) to the list of
+:class:`LoraGroupConfig` of every ``[[lora_unet]]`` / ``[[lora_transformer]]`` /
+``[[lora_text_encoder]]`` ... table. Settings for the files it writes come from
 the ``[lora]`` table (:class:`LoraOptions`), handed over as ``context.extra["lora"]``.
 """
 from __future__ import annotations
@@ -25,14 +26,15 @@ from hcp_core.models.layer_select import LayerSelectionError, select_layers
 from .config import LoraGroupConfig, LoraOptions
 from .layer import LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
 from .lora_file import LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
-from .naming import canonical_path, kohya_prefix
+from .naming import BASE_MODEL_VERSIONS, canonical_path, default_format, is_transformer_family, kohya_prefix
 from .svd import export_factors, max_svd_rank, restore_svd_start, svd_init
 from .weights import ExportLayer, LoraWeights
 
 log = logging.getLogger(__name__)
 
 #: Pipeline section of each model part (for messages; the registration claims the same names).
-SECTIONS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
+SECTIONS = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_text_encoder",
+            "text_encoder_2": "lora_text_encoder_2", "text_encoder_3": "lora_text_encoder_3"}
 FINAL_NAME = "lora.safetensors"
 
 
@@ -83,6 +85,7 @@ class LoraAdapter:
         self.layers: Dict[str, LoraLayer] = {}  # "<part>.<path>" -> layer
         self._files: Dict[str, LoraFile] = {}
         self._kind = "sd"
+        self._transformer_family = False
 
     # ------------------------------------------------------------------ attach
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
@@ -93,6 +96,8 @@ class LoraAdapter:
         if self.layers:
             raise RuntimeError("this LoRA adapter is already attached")
         self._kind = getattr(models, "kind", "sd") or "sd"
+        self._transformer_family = is_transformer_family(models)
+        self._check_format(models)
         param_groups: List[Dict[str, Any]] = []
         seeded_from: Dict[str, set] = {}  # init_from file -> layers taken from it
         try:
@@ -113,6 +118,31 @@ class LoraAdapter:
         self._warn_unused(seeded_from)
         warn_capped_ranks({name: layer.branch for name, layer in self.layers.items()})
         return param_groups
+
+    def _check_format(self, models: ModelBundle) -> None:
+        """Refuse a file layout this model's LoRA cannot be written in, before anything is attached."""
+        if not self._transformer_family:
+            return
+        if self.options.format == "kohya":
+            raise UserError(
+                f"[lora] format = \"kohya\": hcp writes kohya's SD/SDXL layout only; for this {self._kind} model "
+                "(a diffusion transformer) write format = \"peft\" or leave format out: diffusers' layout, which "
+                "FluxPipeline / StableDiffusion3Pipeline.load_lora_weights and hcp read"
+            )
+        # diffusers' FLUX and SD3 pipelines load LoRA for the transformer and the CLIP encoders only.
+        for target in self.sections:
+            module = getattr(models, target, None)
+            if target.startswith("text_encoder") and module is not None and "T5" in type(module).__name__:
+                log.warning(
+                    "%s: LoRA on the T5 encoder is written and read back by hcp, but diffusers' "
+                    "load_lora_weights for this %s model ignores it (it loads the transformer and CLIP encoders)",
+                    SECTIONS.get(target, target), self._kind,
+                )
+
+    @property
+    def file_format(self) -> str:
+        """The layout files are written in: ``[lora] format``, or the model family's usual one."""
+        return self.options.format or default_format(self._transformer_family)
 
     def _attach_group(
         self, label: str, group: LoraGroupConfig, target: str, model: nn.Module,
@@ -249,7 +279,7 @@ class LoraAdapter:
         path = os.path.join(out_dir, lora_file_name(step))
         meta = self.metadata(models, layers, step)
         opts = self.options
-        write_lora_file(path, layers, fmt=opts.format, kind=self._kind, metadata=meta, dtype=opts.save_dtype)
+        write_lora_file(path, layers, fmt=self.file_format, kind=self._kind, metadata=meta, dtype=opts.save_dtype)
         return [path]
 
     def metadata(self, models: ModelBundle, layers: Sequence[ExportLayer], step: Optional[int]) -> Dict[str, str]:
@@ -260,7 +290,7 @@ class LoraAdapter:
         steps = step if step is not None else ctx.extra.get("max_steps")
         te = getattr(models, "text_encoder", None)
         hidden = getattr(getattr(te, "config", None), "hidden_size", 768)
-        base_version = "sdxl_base_v1-0" if self._kind == "sdxl" else ("sd_v2" if hidden == 1024 else "sd_v1")
+        base_version = BASE_MODEL_VERSIONS.get(self._kind) or ("sd_v2" if hidden == 1024 else "sd_v1")
         meta = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks.most_common(1)[0][0]),
@@ -273,7 +303,8 @@ class LoraAdapter:
             "ss_resolution": f"({ctx.resolution[0]}, {ctx.resolution[1]})" if ctx.resolution else "None",
             "ss_seed": str(ctx.seed),
             "hcp_clip_skip": str(ctx.clip_skip),
-            "hcp_format": self.options.format,
+            "hcp_format": self.file_format,
+            "hcp_family": self._kind,
             "hcp_groups": json.dumps(self._group_summary(), sort_keys=True),
         }
         if steps is not None:
@@ -334,8 +365,11 @@ def _number(value: float) -> str:
 def _only_target(lora: LoraFile, target: str, kind: str) -> LoraFile:
     """The part of ``lora`` that belongs to model part ``target``."""
     if lora.layout == "kohya":
-        prefix = kohya_prefix(target, kind) + "_"
-        keep = {k: v for k, v in lora.weights.items() if k.startswith(prefix)}
+        try:
+            prefix = kohya_prefix(target, kind) + "_"
+        except ValueError:  # kohya's SD layout has no names for this part (a transformer, T5)
+            prefix = None
+        keep = {k: v for k, v in lora.weights.items() if prefix and k.startswith(prefix)}
     else:
         keep = {k: v for k, v in lora.weights.items() if k.startswith(target + ".")}
     return LoraFile(lora.path, lora.layout, keep, lora.metadata)

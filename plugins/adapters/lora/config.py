@@ -83,7 +83,9 @@ class LoraGroupConfig:
 class LoraOptions:
     """The ``[lora]`` table: how LoRA files are written (one setting per run, not per group)."""
 
-    #: "kohya" (webui/ComfyUI/diffusers keys) or "peft" (diffusers' own PEFT layout).
-    format: str = attrs.field(default="kohya", validator=one_of(EXPORT_FORMATS))
+    #: "kohya" (webui/ComfyUI/diffusers keys) or "peft" (diffusers' own PEFT layout). Left out: the
+    #: model family's usual layout, "kohya" for SD/SDXL and "peft" for diffusion transformers
+    #: (FLUX, SD3), whose kohya layout hcp does not write.
+    format: Optional[str] = attrs.field(default=None, validator=one_of(EXPORT_FORMATS))
     #: Tensor type of the exported file.
     save_dtype: str = attrs.field(default="float32", validator=one_of(SAVE_DTYPES))

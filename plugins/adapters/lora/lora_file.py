@@ -159,7 +159,11 @@ def write_lora_file(
     metadata: Optional[Mapping[str, str]] = None,
     dtype: str = "float32",
 ) -> str:
-    """Write ``layers`` as a ``fmt`` ("kohya" | "peft") file; return its path."""
+    """Write ``layers`` as a ``fmt`` ("kohya" | "peft") file; return its path.
+
+    Layers of a diffusion transformer (``transformer``) or a T5 encoder have no kohya (SD/SDXL)
+    name: ``fmt="kohya"`` is a ``ValueError`` for them.
+    """
     from safetensors.torch import save_file
 
     layers = list(layers)
@@ -167,7 +171,10 @@ def write_lora_file(
         raise ValueError("no LoRA layers to write")
     meta: Dict[str, str] = {"format": "pt", **(metadata or {})}
     if fmt == "kohya":
-        tensors = kohya_format.to_kohya(layers, kind)
+        try:
+            tensors = kohya_format.to_kohya(layers, kind)
+        except ValueError as exc:  # a transformer / T5 layer: kohya's SD layout has no name for it
+            raise ValueError(f"{exc}; write such LoRA layers with fmt='peft' (diffusers' layout)") from None
     elif fmt == "peft":
         tensors, extra = peft_format.to_peft(layers)
         meta.update(extra)

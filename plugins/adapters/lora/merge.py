@@ -12,7 +12,7 @@ from torch import nn
 
 from .lora_file import LayerWeights, match_layers, read_lora_file
 
-TARGETS = ("unet", "text_encoder", "text_encoder_2")
+TARGETS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def bundle_parts(models: Any) -> Dict[str, nn.Module]:
@@ -35,10 +35,10 @@ def apply_lora_file(models: Any, path: str | os.PathLike, weight: float = 1.0, k
     """Merge the LoRA file at ``path`` into ``models`` with ``weight``; return the number of layers.
 
     ``models`` is a ModelBundle, a diffusers pipeline or a mapping of part name to module;
-    ``kind`` ("sd" | "sdxl") defaults to the bundle's.
+    ``kind`` ("sd" | "sdxl" | "flux" | "sd3"; it picks kohya names) defaults to the bundle's.
     """
     parts = bundle_parts(models)
-    kind = kind or getattr(models, "kind", None) or ("sdxl" if "text_encoder_2" in parts else "sd")
+    kind = kind or getattr(models, "kind", None) or ("sdxl" if "text_encoder_2" in parts and "transformer" not in parts else "sd")
     layers = match_layers(read_lora_file(path), parts, kind)
     merge_layers(parts, layers, weight)
     return len(layers)

@@ -12,17 +12,43 @@ from torch import nn
 from hcp_core.models.layer_select import model_modules
 from hcp_core.models.module_names import TEXT_MODEL_PREFIX, UNET, canonical_path, native_path
 
-__all__ = ["TEXT_MODEL_PREFIX", "UNET", "canonical_path", "native_path", "kohya_prefix", "kohya_name", "kohya_table", "dotted_table", "lora_layers"]
+__all__ = ["TEXT_MODEL_PREFIX", "UNET", "TRANSFORMER", "TRANSFORMER_KINDS", "canonical_path", "native_path",
+           "kohya_prefix", "kohya_name", "kohya_table", "dotted_table", "lora_layers", "is_transformer_family",
+           "default_format"]
+
+TRANSFORMER = "transformer"
+#: Families whose denoiser is a diffusion transformer; their LoRA files use diffusers' PEFT layout.
+TRANSFORMER_KINDS = ("flux", "sd3")
+#: kohya's ``ss_base_model_version`` for each family (sd-scripts' spelling where it has one).
+BASE_MODEL_VERSIONS = {"sdxl": "sdxl_base_v1-0", "flux": "flux1", "sd3": "sd3"}
+
+
+def is_transformer_family(models: object) -> bool:
+    """True for a model (ModelBundle or pipeline) whose denoiser is a diffusion transformer."""
+    kind = getattr(models, "kind", None)
+    if kind in TRANSFORMER_KINDS:
+        return True
+    return getattr(models, "unet", None) is None and getattr(models, TRANSFORMER, None) is not None
+
+
+def default_format(transformer_family: bool) -> str:
+    """The file layout written when ``[lora] format`` is left out."""
+    return "peft" if transformer_family else "kohya"
+
 
 def kohya_prefix(target: str, kind: str = "sd") -> str:
-    """``lora_unet`` / ``lora_te`` (``lora_te1`` and ``lora_te2`` for SDXL's two text encoders)."""
+    """``lora_unet`` / ``lora_te`` (``lora_te1`` and ``lora_te2`` for SDXL's two text encoders).
+
+    A part kohya's SD/SDXL layout has no name for (a diffusion transformer, a T5 encoder) is a
+    ``ValueError``.
+    """
     if target == UNET:
         return "lora_unet"
     if target == "text_encoder":
         return "lora_te1" if kind == "sdxl" else "lora_te"
     if target == "text_encoder_2":
         return "lora_te2"
-    raise ValueError(f"no LoRA key prefix for model part {target!r}")
+    raise ValueError(f"no kohya LoRA key prefix for model part {target!r}")
 
 
 #: UNet layers whose kohya names use the original (sgm) spelling: diffusers' kohya converter, webui
@@ -57,7 +83,10 @@ def kohya_table(parts: Mapping[str, nn.Module], kind: str = "sd") -> Dict[str, T
     """
     table: Dict[str, Tuple[str, str]] = {}
     for target, model in parts.items():
-        prefix = kohya_prefix(target, kind)
+        try:
+            prefix = kohya_prefix(target, kind)
+        except ValueError:  # a part kohya's layout has no names for (a transformer, T5): nothing matches it
+            continue
         for name, _ in lora_layers(model):
             canonical = canonical_path(target, model, name)
             table[kohya_name(prefix, canonical)] = (target, name)

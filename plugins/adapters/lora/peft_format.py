@@ -5,6 +5,11 @@ PEFT ``LoraConfig`` per part in the ``lora_adapter_metadata`` JSON entry (``unet
 ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``, ``unet.target_modules``).
 Text encoder module names in that config leave out ``text_model.``: PEFT matches them as
 suffixes, so they fit transformers 4 (``text_model.encoder...``) and 5 (``encoder...``) alike.
+
+A diffusion transformer's (``transformer.``) config names its modules exactly instead: a regular
+expression of the full names as ``target_modules`` and ``^``-anchored, escaped names in
+``rank_pattern`` / ``alpha_pattern``. Suffix matching would be ambiguous there (FLUX's top-level
+``proj_out`` is a suffix of every ``single_transformer_blocks.<i>.proj_out``).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import torch
 
 from hcp_core.errors import UserError
 
-from .naming import TEXT_MODEL_PREFIX, UNET
+from .naming import TEXT_MODEL_PREFIX, TRANSFORMER, UNET
 from .weights import ExportLayer, LoraWeights
 
 A = ".lora_A.weight"
@@ -44,12 +49,17 @@ def _lora_config(layers: List[ExportLayer]) -> Dict[str, Any]:
     alphas = [float(layer.weights.alpha) for layer in layers]
     r = Counter(ranks).most_common(1)[0][0]
     alpha = Counter(alphas).most_common(1)[0][0]
+    exact = layers[0].target == TRANSFORMER
+    keys = ["^" + re.escape(n) for n in names] if exact else names
+    targets: Any = sorted(names)
+    if exact:  # PEFT full-matches a string target_modules against each module name
+        targets = "(?:" + "|".join(re.escape(n) for n in targets) + ")"
     return {
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {n: k for n, k in zip(names, ranks) if k != r},
-        "alpha_pattern": {n: a for n, a in zip(names, alphas) if a != alpha},
-        "target_modules": sorted(names),
+        "rank_pattern": {n: k for n, k in zip(keys, ranks) if k != r},
+        "alpha_pattern": {n: a for n, a in zip(keys, alphas) if a != alpha},
+        "target_modules": targets,
         "use_dora": False,
         "lora_bias": False,
     }

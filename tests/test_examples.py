@@ -60,3 +60,16 @@ def test_sdxl_quickstart_trains_and_samples(demo_checkout, sdxl_model_dir) -> No
     assert result.step == 4 and (exp / "lora.safetensors").is_file()
     for step in (2, 4):
         assert sorted(p.name for p in (exp / "samples" / f"step-{step}").iterdir()) == ["00.png", "01.png", "grid.png"]
+
+
+def test_flux_quickstart_trains_caches_text_and_samples(demo_checkout, flux_model_dir) -> None:
+    (demo_checkout / "demo" / "model-flux").symlink_to(flux_model_dir)
+    overrides = ["train.max_steps=4", "train.save_every=0", "sample.every=2", "sample.steps=2"]
+    pipeline = hcp_core.load_config("examples/quickstart-flux.toml", overrides)
+    assert pipeline.model.family.name == "flux"
+    result = hcp_core.run(pipeline)
+    exp = Path(result.exp_dir)
+    assert result.step == 4 and (exp / "lora.safetensors").is_file()
+    assert "text encoder outputs of" in (exp / "train.log").read_text()
+    for step in (2, 4):
+        assert sorted(p.name for p in (exp / "samples" / f"step-{step}").iterdir()) == ["00.png", "01.png", "grid.png"]

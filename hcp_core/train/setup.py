@@ -258,7 +258,9 @@ def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:
         trains[name] = any(prm.requires_grad for prm in module.parameters())
         module.to(device)
         module.train(trains[name])
-        if half is not None and not (name == "vae" and model_cfg.vae_fp32):
+        # T5 overflows in fp16 (its feed-forward activations exceed 65504): it stays fp32 there.
+        t5_in_fp16 = half is torch.float16 and type(module).__name__.startswith("T5")
+        if half is not None and not (name == "vae" and model_cfg.vae_fp32) and not t5_in_fp16:
             for prm in module.parameters():
                 if not prm.requires_grad:
                     prm.data = prm.data.to(half)

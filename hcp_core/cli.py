@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a diffusers folder or a single .safetensors/.ckpt file")
     p.add_argument("--model-config", default=None, metavar="DIR",
                    help="a local diffusers folder describing a single-file --model (to load it offline)")
+    p.add_argument("--family", default=None, metavar="NAME",
+                   help="the model family (sd, sdxl, flux, ...; see `hcp plugins`); default: detected from the model")
     p.add_argument("--lora", action="append", type=_lora_arg, default=None, metavar="FILE[:WEIGHT]",
                    help="merge a LoRA file with WEIGHT (default 1); repeatable")
     p.add_argument("--embeddings", action="append", default=None, metavar="DIR",

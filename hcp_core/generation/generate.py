@@ -1,5 +1,9 @@
 """``hcp generate``: images from a model, LoRA files and custom words, with their parameters inside.
 
+The model loads through its family (``--family NAME``, or detected from the folder's
+``model_index.json`` as for a pipeline's ``model.family``: :mod:`hcp_core.models.family`); the
+family's prompt encoder and renderer make the images (SD/SDXL: :func:`~.render.render_image`).
+
 For each prompt, ``n`` images; image ``i`` of a run (counted over all prompts: prompt ``j``,
 repetition ``k`` is ``i = j * n + k``) uses seed ``seed + i``. Each PNG is written as
 ``OUT/<number>-<seed>.png``, numbered on from the highest number already in ``OUT``, with
@@ -12,6 +16,7 @@ registry, :mod:`hcp_core.adapter_files`); custom words are installed into the te
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -20,7 +25,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attrs
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..registry import Registry
 from .params import MAX_SEED, GenerationParams, LoraSpec, parse_size
 
@@ -28,6 +33,9 @@ log = logging.getLogger("hcp")
 
 DTYPES = ("fp32", "fp16", "bf16")
 _NUMBERED = re.compile(r"^(\d{5,})-")
+#: Latents per side of a transformer whose config has no ``sample_size`` (diffusers' FLUX default:
+#: 128 latents, 1024 pixels).
+DEFAULT_LATENT_SIDE = 128
 
 
 @attrs.frozen
@@ -50,7 +58,8 @@ class GenerateJob:
     prediction_type: Optional[str] = None
     model_config: Optional[str] = None  # a diffusers folder describing a single-file model
     device: Optional[str] = None  # None: cuda when available
-    dtype: Optional[str] = None  # None: fp16 on cuda, fp32 on cpu
+    dtype: Optional[str] = None  # None: fp16 (SD, SDXL) or bf16 (other families) on cuda, fp32 on cpu
+    family: Optional[str] = None  # None: detected from the model
 
 
 def plan_images(job: GenerateJob, size: Tuple[int, int]) -> List[GenerationParams]:
@@ -137,6 +146,7 @@ def job_from_args(args: Any) -> GenerateJob:
         embeddings=tuple(_absolute(e) for e in embeddings),
         prediction_type=pick(args.prediction_type, "prediction_type", None),
         model_config=args.model_config, device=args.device, dtype=args.dtype,
+        family=getattr(args, "family", None),
     )  # fmt: skip
 
 
@@ -151,16 +161,39 @@ class LoadedModel:
     """A model ready to render: weights with LoRA merged, the prompt encoder, where it runs."""
 
     models: Any  # ModelBundle
-    encoder: Any  # PromptEncoder
+    encoder: Any  # the family's prompt encoder (an SD/SDXL PromptEncoder, possibly wrapped for custom words)
     device: str
     dtype: str
+    #: The model family (``ModelFamily``) that loaded it and renders it; None renders SD/SDXL
+    #: with :func:`~hcp_core.generation.render.render_image`.
+    family: Any = None
 
     def native_size(self) -> Tuple[int, int]:
-        """The UNet's trained resolution in pixels (``sample_size`` latents times the VAE factor)."""
-        factor = 2 ** (len(self.models.vae.config.block_out_channels) - 1)
-        side = self.models.unet.config.sample_size
+        """The denoiser's trained resolution in pixels: its ``sample_size`` latents (the UNet's;
+        a transformer without one: 128, diffusers' FLUX default) times the latent factor."""
+        denoiser = self.models.unet if self.models.unet is not None else self.models.transformer
+        side = getattr(denoiser.config, "sample_size", None) or DEFAULT_LATENT_SIDE
         height, width = (side, side) if isinstance(side, int) else tuple(side)
+        factor = self.latent_factor()
         return width * factor, height * factor
+
+    def latent_factor(self) -> int:
+        if self.family is not None:
+            return int(self.family.latent_factor(self.models))
+        return 2 ** (len(self.models.vae.config.block_out_channels) - 1)
+
+    def size_multiple(self) -> int:
+        """What image sides must be multiples of (the family's ``size_multiple``, or its latent factor)."""
+        multiple = getattr(self.family, "size_multiple", None)
+        return int(multiple(self.models)) if multiple is not None else self.latent_factor()
+
+    def render(self, params: GenerationParams) -> Any:
+        """The PIL image ``params`` describe, by the family's renderer."""
+        if self.family is None:
+            from .render import render_image
+
+            return render_image(self.models, self.encoder, params)
+        return self.family.render(self.models, self.encoder, params, autocast=contextlib.nullcontext)
 
 
 def load_for_generation(
@@ -175,9 +208,11 @@ def load_for_generation(
     dtype: Optional[str] = None,
     log_fn: Callable[[str], None] = log.info,
     registry: Optional[Registry] = None,
+    family: Optional[str] = None,
 ) -> LoadedModel:
-    """Load ``model`` (SD 1.x/2.x or SDXL), merge ``loras`` into it, install the custom words of
-    ``embeddings``, cast to ``dtype`` and move it to ``device``.
+    """Load ``model`` through its family (``family`` names it; detected otherwise), merge ``loras``
+    into it, install the custom words of ``embeddings`` (SD/SDXL only), cast to ``dtype`` and move
+    it to ``device``.
 
     Each LoRA file is merged by the adapter of ``registry`` (default: the process-wide one) that
     reads it; a file no adapter reads is a :class:`UserError` before the model loads.
@@ -185,30 +220,41 @@ def load_for_generation(
     import torch
 
     from ..adapter_files import find_file_adapter
-    from ..models.loading import load_models
+    from ..models.family import SD_FAMILIES, build_family, family_component
     from ..plugins import get_registry
 
-    if loras:
-        registry = registry if registry is not None else get_registry()
+    registry = registry if registry is not None else get_registry()
     appliers = [(find_file_adapter(registry, spec.path), spec) for spec in loras]
-    from ..models.conditioning import make_prompt_encoder, max_clip_skip
+    component = family_component(model, registry=registry, family=family, config=model_config)
+    sd_like = component.name in SD_FAMILIES
+    if embeddings and not sd_like:
+        raise UserError(f"--embeddings: custom words work with SD 1.x/2.x and SDXL models only; this is a "
+                        f"{component.name} model. Leave --embeddings out.")  # fmt: skip
+    fam = build_family(component)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    bundle = load_models(model, prediction_type=prediction_type, config=model_config)
-    limit = max_clip_skip(bundle)
-    if clip_skip > limit:
-        why = "SDXL model allows 0 to {} (it already uses the penultimate layer)" if bundle.kind == "sdxl" else "model allows 0 to {}"
-        raise UserError(f"--clip-skip {clip_skip} is out of range: this {why.format(limit)}")
-    encoder = make_prompt_encoder(bundle, clip_skip=clip_skip)
+    dtype = dtype or (("fp16" if sd_like else "bf16") if device.startswith("cuda") else "fp32")
+    bundle = fam.load(model, prediction_type=prediction_type, config=model_config)
+    if bundle.kind in SD_FAMILIES:
+        from ..models.conditioning import max_clip_skip
+
+        limit = max_clip_skip(bundle)
+        if clip_skip > limit:
+            why = "SDXL model allows 0 to {} (it already uses the penultimate layer)" if bundle.kind == "sdxl" else "model allows 0 to {}"
+            raise UserError(f"--clip-skip {clip_skip} is out of range: this {why.format(limit)}")
+    try:
+        encoder = fam.prompt_encoder(bundle, clip_skip=clip_skip)
+    except ConfigError as exc:
+        if not clip_skip:
+            raise
+        raise UserError(f"--clip-skip {clip_skip}: this {component.name} model has no CLIP skip; leave --clip-skip "
+                        f"out or set it to 0 ({exc})") from None  # fmt: skip
     for adapter, spec in appliers:  # merged in float32, before any cast; SDXL files hold unet, te1 and te2 keys
         count = adapter.apply(bundle, spec.path, spec.weight)
         log_fn(f"merged {spec.path} with weight {spec.weight:g} into {count} layers")
     encoder = with_custom_words(bundle, encoder, embeddings, log_fn)
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    for part in (bundle.unet, bundle.vae, bundle.text_encoder, bundle.text_encoder_2):
-        if part is None:  # text_encoder_2: SDXL only
-            continue
+    for part in bundle.modules().values():  # the denoiser, every text encoder, the VAE
         if part is bundle.vae and vae_stays_fp32(bundle, target):
             part.to(torch.device(device)).eval()
             continue
@@ -217,7 +263,7 @@ def load_for_generation(
             torch.nn.Module.to(part, dtype=target)
         part.to(torch.device(device))
         part.eval()
-    return LoadedModel(models=bundle, encoder=encoder, device=device, dtype=dtype)
+    return LoadedModel(models=bundle, encoder=encoder, device=device, dtype=dtype, family=fam)
 
 
 def vae_stays_fp32(bundle: Any, target: Any) -> bool:
@@ -261,20 +307,24 @@ def generate(job: GenerateJob, log_fn: Callable[[str], None] = print, registry: 
 
     ``registry`` finds the adapter of each LoRA file (default: the process-wide one)."""
     from .metadata import format_parameters, hcp_record, write_png
-    from .render import render_image
 
     loaded = load_for_generation(
         job.model, loras=job.loras, embeddings=job.embeddings, clip_skip=job.clip_skip,
         prediction_type=job.prediction_type, model_config=job.model_config, device=job.device, dtype=job.dtype,
-        log_fn=log_fn, registry=registry,
+        log_fn=log_fn, registry=registry, family=job.family,
     )  # fmt: skip
-    plans = plan_images(job, job.size or loaded.native_size())
+    size = job.size or loaded.native_size()
+    multiple = loaded.size_multiple()
+    if size[0] % multiple or size[1] % multiple:
+        raise UserError(f"--size {size[0]}x{size[1]}: this {loaded.models.kind} model renders sizes whose sides are "
+                        f"multiples of {multiple}")  # fmt: skip
+    plans = plan_images(job, size)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     first = next_number(out)
     written: List[Path] = []
     for i, params in enumerate(plans):
-        image = render_image(loaded.models, loaded.encoder, params)
+        image = loaded.render(params)
         path = write_png(image, out / f"{first + i:05d}-{params.seed}.png", format_parameters(params),
                          hcp_record(params, device=loaded.device, dtype=loaded.dtype))  # fmt: skip
         written.append(path)

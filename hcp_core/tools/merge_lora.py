@@ -1,10 +1,14 @@
 """``hcp tools merge-lora``: fold LoRA files into a model and write it as a new diffusers folder.
 
-The output folder is a copy of the input with the merged UNet and text encoder weights (both of
-SDXL's encoders); text encoders are written with the standard ``text_model.``-prefixed keys, which
-transformers 4 and 5, webui and ComfyUI all read (transformers 5's own ``save_pretrained`` leaves
-the prefix out, and transformers 4 then silently starts from random weights). Optionally one
-original-layout single-file checkpoint is written too (SD 1.x and SDXL).
+The model loads through its model family (``--family``, or detected from ``model_index.json``:
+SD 1.x/2.x, SDXL, FLUX, any plugin family). The output folder is a copy of the input in which the
+parts the LoRA files changed (the UNet or transformer, text encoders; a UNet and CLIP text
+encoders always) are written again, each tensor in the type the input stored it in and, for a
+large part, in shards with an index as diffusers and transformers write them. CLIP text encoders are written with the standard
+``text_model.``-prefixed keys, which transformers 4 and 5, webui and ComfyUI all read
+(transformers 5's own ``save_pretrained`` leaves the prefix out, and transformers 4 then silently
+starts from random weights); other parts keep the input files' key names. Optionally one
+original-layout single-file checkpoint is written too (SD 1.x and SDXL only).
 
 Each ``--lora`` file is merged by the adapter that reads it, found through the plugin registry
 (:mod:`hcp_core.adapter_files`): the built-in LoRA, or any plugin adapter that declares file
@@ -26,17 +30,31 @@ from ..registry import Registry
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 
 
-def _stored_dtype(part_dir: Path):
-    """The tensor type of the first weight in a part folder (merged weights are saved back in it)."""
+#: Shards of a rewritten part are at most this large (transformers' default; diffusers reads them too).
+SHARD_BYTES = 5 * 1024**3
+#: Parts merge-lora writes again when a LoRA file changed them (the VAE never changes).
+MERGE_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _stored_dtypes(part_dir: Path) -> Dict[str, "object"]:
+    """Tensor name -> torch dtype of every tensor in a part folder's ``.safetensors`` files."""
     import torch
     from safetensors import safe_open
 
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    out: Dict[str, object] = {}
     for file in sorted(part_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                return names.get(f.get_slice(key).get_dtype(), torch.float32)
-    return torch.float32
+                out[key] = names.get(f.get_slice(key).get_dtype(), torch.float32)
+    return out
+
+
+def _stored_dtype(part_dir: Path):
+    """The tensor type of the first weight in a part folder (merged weights are saved back in it)."""
+    import torch
+
+    return next(iter(_stored_dtypes(part_dir).values()), torch.float32)
 
 
 def text_encoder_state(text_encoder) -> Dict[str, "object"]:
@@ -44,9 +62,13 @@ def text_encoder_state(text_encoder) -> Dict[str, "object"]:
     return canonical_state_dict("text_encoder", text_encoder)
 
 
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
 def _clear_weights(part_dir: Path) -> None:
     for file in part_dir.iterdir():
-        if file.is_file() and (file.name.endswith(WEIGHT_SUFFIXES) or file.name.endswith(".index.json")):
+        if file.is_file() and _is_weight_file(file.name):
             file.unlink()
 
 
@@ -59,6 +81,74 @@ def _save(tensors: Dict[str, "object"], path: Path, dtype) -> None:
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
 
 
+def _signature(module) -> tuple:
+    """What changes when a tensor of ``module`` is written to in place or replaced."""
+    return tuple((name, id(t), t._version, t.data_ptr()) for name, t in module.state_dict(keep_vars=True).items())
+
+
+def _part_state(part: str, module, stored: Dict[str, object]) -> Dict[str, "object"]:
+    """The tensors to write for ``part``: under canonical names (``text_model.*`` for CLIP); the
+    input's own key set when it holds a subset of them (tied weights stored once, as the input did);
+    otherwise every tensor, one name per storage."""
+    state = canonical_state_dict(part, module)
+    if stored and set(stored) <= set(state):
+        return {key: state[key] for key in stored}
+    out, seen = {}, set()
+    for key, value in state.items():
+        ptr = (value.device, value.data_ptr()) if value.numel() else None
+        if ptr is not None and ptr in seen:
+            continue  # a tied weight: safetensors stores each storage once
+        seen.add(ptr)
+        out[key] = value
+    return out
+
+
+def write_part(module, part: str, part_dir: Path, stored: Dict[str, object], *, shard_bytes: int = SHARD_BYTES) -> List[Path]:
+    """Write ``module``'s weights into ``part_dir`` as diffusers (``diffusion_pytorch_model``) or
+    transformers (``model``) safetensors, each tensor in its ``stored`` type (others: the first
+    stored type, or float32); sharded with an ``.index.json`` when larger than ``shard_bytes``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_write
+
+    state = _part_state(part, module, stored)
+    default = next(iter(stored.values()), torch.float32)
+    dtypes = {k: (stored.get(k, default) if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    stem = "diffusion_pytorch_model" if _is_diffusers_model(module) else "model"
+    shards: List[List[str]] = [[]]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * torch.empty((), dtype=dtypes[key]).element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ([f"{stem}.safetensors"] if len(shards) == 1 else
+             [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])  # fmt: skip
+    written = []
+    for name, keys in zip(names, shards):
+        cpu = {k: state[k].detach().to("cpu", dtypes[k]).contiguous() for k in keys}
+        written.append(atomic_write(part_dir / name, lambda tmp, cpu=cpu: save_file(cpu, tmp, metadata={"format": "pt"})))
+        del cpu
+    if len(shards) > 1:
+        total = sum(state[k].numel() * torch.empty((), dtype=dtypes[k]).element_size() for k in state)
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        written.append(atomic_write(part_dir / f"{stem}.safetensors.index.json",
+                                    lambda tmp: Path(tmp).write_text(text, encoding="utf-8")))
+    return written
+
+
+def _is_diffusers_model(module) -> bool:
+    from diffusers import ModelMixin
+
+    return isinstance(module, ModelMixin)
+
+
 def merge_lora(
     model: str | Path,
     loras: Sequence[Tuple[str, float]],
@@ -66,14 +156,17 @@ def merge_lora(
     single_file: Optional[str | Path] = None,
     *,
     registry: Optional[Registry] = None,
+    family: Optional[str] = None,
 ) -> Path:
     """Merge ``loras`` ((path, weight) pairs) into the diffusers folder ``model``; write ``out``.
 
-    Returns the output folder. ``single_file`` also writes an original-layout ``.safetensors``.
-    Each file is merged by the adapter of ``registry`` (default: the process-wide one) that reads it.
+    Returns the output folder. ``single_file`` also writes an original-layout ``.safetensors``
+    (SD 1.x and SDXL). The model loads through its family (``family`` names it; detected from the
+    folder otherwise). Each file is merged by the adapter of ``registry`` (default: the
+    process-wide one) that reads it.
     """
     from ..adapter_files import find_file_adapter
-    from ..models.loading import load_models
+    from ..models.family import SD_FAMILIES, build_family, family_component
     from ..plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
@@ -88,26 +181,38 @@ def merge_lora(
     if dst.resolve() == src.resolve():
         raise UserError("--out must differ from --model")
 
-    # Every file is matched to its adapter before the (slow) model load.
+    # Every file is matched to its adapter, and the model to its family, before the (slow) model load.
     appliers = [(find_file_adapter(registry, path), path, weight) for path, weight in loras]
-    models = load_models(str(src))
+    component = family_component(str(src), registry=registry, family=family)
+    if single_file is not None and component.name not in SD_FAMILIES:
+        raise UserError(f"--single-file: only SD 1.x and SDXL models can be written as one file; this is a "
+                        f"{component.name} model. Leave --single-file out: the merged diffusers folder is complete.")
+    models = build_family(component).load(str(src))
+    modules = {part: getattr(models, part) for part in MERGE_PARTS if getattr(models, part, None) is not None}
+    before = {part: _signature(module) for part, module in modules.items()}
     for adapter, path, weight in appliers:
         adapter.apply(models, str(path), weight)
+    # Written again: every part a file changed, and always a UNet and the CLIP text encoders (cheap;
+    # their files then have the standard names whatever the input used, as hcp always wrote them).
+    changed = [part for part, module in modules.items()
+               if _signature(module) != before[part] or part == "unet" or type(module).__name__.startswith("CLIPTextModel")]
+    missing = [part for part in changed if not (src / part).is_dir()]
+    if missing:
+        raise UserError(f"--model {src}: the LoRA changed the {', '.join(missing)}, which has no folder in the model")
 
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    unet_dtype = _stored_dtype(src / "unet")
-    _clear_weights(dst / "unet")
-    _save(models.unet.state_dict(), dst / "unet" / "diffusion_pytorch_model.safetensors", unet_dtype)
-    for part in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(models, part)
-        if encoder is None:
-            continue
-        te_dtype = _stored_dtype(src / part)
+    stored = {part: _stored_dtypes(src / part) for part in changed}
+    rewritten = {(src / part).resolve() for part in changed}
+
+    def skip_old_weights(folder: str, names: List[str]) -> List[str]:
+        return [n for n in names if Path(folder).resolve() in rewritten and _is_weight_file(n)]
+
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=skip_old_weights)
+    for part in changed:
         _clear_weights(dst / part)
-        _save(text_encoder_state(encoder), dst / part / "model.safetensors", te_dtype)
+        write_part(modules[part], part, dst / part, stored[part])
 
     if single_file is not None:
-        write_single_file(models, Path(single_file), unet_dtype)
+        write_single_file(models, Path(single_file), _stored_dtype(src / "unet"))
     return dst
 
 
@@ -142,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hcp tools merge-lora",
         description="Merge LoRA files into a model's weights and save the result as a diffusers folder.",
     )
-    parser.add_argument("--model", required=True, help="the base model: a diffusers folder")
+    parser.add_argument("--model", required=True, help="the base model: a diffusers folder (SD, SDXL, FLUX, ...)")
+    parser.add_argument("--family", default=None, metavar="NAME",
+                        help="the model family (sd, sdxl, flux, ...); default: detected from model_index.json")
     parser.add_argument(
         "--lora", required=True, action="append", metavar="FILE[:WEIGHT]",
         help="a LoRA .safetensors (kohya or PEFT layout), optionally with a weight (default 1.0); repeat for several",
@@ -156,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; user errors propagate as :class:`UserError` for the CLI to print."""
     args = build_parser().parse_args(argv)
     loras = [(spec.path, spec.weight) for spec in map(parse_lora_spec, args.lora)]
-    out = merge_lora(args.model, loras, args.out, args.single_file)
+    out = merge_lora(args.model, loras, args.out, args.single_file, family=args.family)
     merged = ", ".join(f"{path} x {weight:g}" for path, weight in loras)
     print(f"merged {merged} into {out}" + (f" and {args.single_file}" if args.single_file else ""))
     return 0

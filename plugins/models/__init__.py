@@ -1,4 +1,5 @@
-"""Built-in model families: Stable Diffusion 1.x/2.x (``sd``), SDXL (``sdxl``) and FLUX.1 (``flux``).
+"""Built-in model families: Stable Diffusion 1.x/2.x (``sd``), SDXL (``sdxl``), SD3 / 3.5 (``sd3``) and
+FLUX.1 (``flux``).
 
 A family is chosen by ``model.family`` or detected from the model folder's ``model_index.json``
 (its ``_class_name``); ``detect`` lists the pipeline classes each family reads, and
@@ -10,7 +11,7 @@ import attrs
 
 from hcp_core.hookspecs import hookimpl
 
-from .config import FluxConfig
+from .config import FluxConfig, SD3Config
 
 
 @attrs.define
@@ -29,3 +30,6 @@ def hcp_register_models(registry) -> None:
                  doc="SDXL: UNet with pooled text and size/crop conditioning, two CLIP text encoders, DDPM")
     registry.add("flux", config=FluxConfig, factory="hcp_plugins.models.flux:build_family", detect=("FluxPipeline",),
                  doc="FLUX.1 (dev or schnell): flow-matching transformer, CLIP-L pooled + T5 text, 16-channel VAE")
+    registry.add("sd3", config=SD3Config, factory="hcp_plugins.models.sd3:build_family",
+                 detect=("StableDiffusion3Pipeline",),
+                 doc="SD3 / 3.5: MMDiT flow-matching transformer, CLIP-L + CLIP-G + T5 text, 16-channel VAE")

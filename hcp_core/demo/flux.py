@@ -18,7 +18,7 @@ It has FLUX.1's layout and conditioning with about a megabyte of random weights:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional, Sequence
 
 from .flow import (
     FLUX_SCHEDULER,
@@ -45,32 +45,49 @@ LATENT_CHANNELS = 16
 
 
 def tiny_flux_transformer(
-    *, guidance: bool = True, clip_hidden: int = CLIP_HIDDEN, t5_d_model: int = T5_D_MODEL
+    *, guidance: bool = True, clip_hidden: int = CLIP_HIDDEN, t5_d_model: int = T5_D_MODEL, num_layers: int = 1,
+    num_single_layers: int = 1, heads: int = HEADS, head_dim: int = HEAD_DIM,
+    axes_dims_rope: Sequence[int] = AXES_DIMS_ROPE,
 ) -> Any:
-    """A FluxTransformer2DModel with one joint and one single-stream block, tiny."""
+    """A FluxTransformer2DModel, by default with one joint and one single-stream block, tiny.
+
+    The keyword arguments size it (benchmarks build wider and deeper ones); ``axes_dims_rope``
+    must sum to ``head_dim``.
+    """
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=LATENT_CHANNELS * 4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=t5_d_model,
         pooled_projection_dim=clip_hidden,
         guidance_embeds=guidance,
-        axes_dims_rope=AXES_DIMS_ROPE,
+        axes_dims_rope=tuple(axes_dims_rope),
     )
 
 
-def build_demo_flux_model(out_dir: str | Path, *, seed: int = 0, guidance: bool = True) -> Path:
+def build_demo_flux_model(
+    out_dir: str | Path, *, seed: int = 0, guidance: bool = True, clip_hidden: int = CLIP_HIDDEN,
+    t5_d_model: int = T5_D_MODEL, text_layers: Optional[int] = None,
+    transformer_sizes: Optional[Mapping[str, Any]] = None,
+) -> Path:
     """Write a tiny FLUX.1 diffusers folder to ``out_dir`` without any download; return its path.
 
     ``FluxPipeline.from_pretrained(out_dir)`` reads it. ``guidance=True`` builds a dev-style model
     (guidance-distilled: the transformer embeds ``guidance_scale``, dynamic scheduler shift);
     ``guidance=False`` a schnell-style one. The same ``seed`` gives identical weights.
+
+    Sizes (defaults: the tiny demo): ``clip_hidden`` and ``t5_d_model`` are the text encoders'
+    widths (the transformer's pooled projection and joint attention dims follow them),
+    ``text_layers`` their depth (None: each builder's default), ``transformer_sizes`` further
+    :func:`tiny_flux_transformer` keywords (``num_layers``, ``num_single_layers``, ``heads``,
+    ``head_dim``, ``axes_dims_rope``).
     """
+    depth = {} if text_layers is None else {"layers": text_layers}
     out = new_flow_folder(out_dir)
 
     vocab, merges = train_demo_tokenizer()
@@ -78,11 +95,12 @@ def build_demo_flux_model(out_dir: str | Path, *, seed: int = 0, guidance: bool 
     tokenizer_2 = save_demo_t5_tokenizer(out / "tokenizer_2")
     # Seeds per part (offset from the SD 1.x / SDXL / SD3 builders') keep each part independent.
     with _seeded(seed * 10 + 1001):
-        text_encoder = tiny_text_encoder(vocab, hidden_size=CLIP_HIDDEN)
+        text_encoder = tiny_text_encoder(vocab, hidden_size=clip_hidden, **depth)
     with _seeded(seed * 10 + 1002):
-        text_encoder_2 = tiny_t5_encoder(len(tokenizer_2), d_model=T5_D_MODEL)
+        text_encoder_2 = tiny_t5_encoder(len(tokenizer_2), d_model=t5_d_model, **depth)
     with _seeded(seed * 10 + 1003):
-        transformer = tiny_flux_transformer(guidance=guidance)
+        transformer = tiny_flux_transformer(guidance=guidance, clip_hidden=clip_hidden, t5_d_model=t5_d_model,
+                                            **dict(transformer_sizes or {}))
     vae = calibrated_flow_vae(seed * 10 + 1004)
 
     pipe = diffusers_pipeline_class("FluxPipeline")(

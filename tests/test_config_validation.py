@@ -45,7 +45,7 @@ def problems(raw: Dict[str, Any], registry: Registry, *overrides: str) -> List[s
 def test_a_minimal_pipeline_gets_its_defaults(raw, registry) -> None:
     pipe = build_pipeline(raw, registry, base_dir="/somewhere")
     assert pipe.model.pretrained == "models/tiny"
-    assert (pipe.model.clip_skip, pipe.model.mixed_precision, pipe.seed, pipe.exp_dir) == (0, "no", 0, "runs/exp")
+    assert (pipe.model.clip_skip, pipe.model.mixed_precision, pipe.seed, pipe.exp_dir) == (0, "auto", 0, "runs/exp")
     ds = pipe.data["ds1"]
     assert isinstance(ds.bucket, BucketSpec) and ds.bucket.name == "test_square"
     assert ds.bucket.config == core_components.SquareConfig(size=64, origin="centre")
@@ -222,7 +222,7 @@ def test_every_problem_is_reported_at_once(raw, registry) -> None:
 def test_validator_failure_names_the_bad_value(raw, registry) -> None:
     (line,) = problems(raw, registry, 'model.mixed_precision="fp17"')
     assert line.startswith("model")
-    assert line.endswith("must be one of 'no', 'fp16', 'bf16', got 'fp17'")
+    assert line.endswith("must be one of 'auto', 'no', 'fp16', 'bf16', got 'fp17'")
 
 
 @pytest.mark.parametrize(

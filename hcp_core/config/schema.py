@@ -19,7 +19,7 @@ from ..registry import BucketSpec, LossSpec, ModelFamilySpec, SourceSpec
 from .validators import at_least, each, fail, greater_than, in_range, not_blank, one_of, seed_in_range
 from .values import MAX_SIDE, fill_placeholders, parse_colour, parse_size, placeholders, unknown_scheduler
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 #: Upper bounds that only refuse absurd values (each far beyond any real run).
@@ -44,7 +44,8 @@ class ModelConfig:
     #: configs and tokenizer describe it (diffusers needs them to read the file offline).
     config: Optional[str] = attrs.field(default=None, validator=not_blank)
     clip_skip: int = attrs.field(default=0, validator=at_least(0))  # its upper bound depends on the model
-    mixed_precision: str = attrs.field(default="no", validator=one_of(MIXED_PRECISION))
+    #: "auto": bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU (hcp_core/train/precision.py).
+    mixed_precision: str = attrs.field(default="auto", validator=one_of(MIXED_PRECISION))
     gradient_checkpointing: bool = False
     #: Override the scheduler config's prediction type ("epsilon" | "v_prediction").
     prediction_type: Optional[str] = attrs.field(default=None, validator=one_of(PREDICTION_TYPES))

@@ -76,7 +76,14 @@ def check_pipeline(
     ``check_model_layers`` is False), then :func:`~hcp_core.data.report.check_data` with the
     model's latent factor. Returns False when anything would stop the run (see check_data's
     ``strict``)."""
+    from .precision import machine_precision
+
     ok, factor, multiple = check_model(pipeline, out) if check_model_layers else (True, None, None)
+    try:
+        machine_precision(pipeline.model.mixed_precision)
+    except UserError as exc:
+        print(f"model: ERROR: {exc}", file=out)
+        ok = False
     data_ok = check_data(pipeline, out, registry=registry, strict=strict, verify_images=verify_images,
                          latent_factor=factor, size_multiple=multiple)
     return ok and data_ok

@@ -111,7 +111,12 @@ def make_accelerator(pipeline: Pipeline) -> Any:
     # launch lives in PartialState, which stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=pipeline.model.mixed_precision, cpu=not torch.cuda.is_available())
+    from .precision import machine_precision
+
+    precision, why = machine_precision(pipeline.model.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator.precision_reason = why  # logged once the run's log exists
+    return accelerator
 
 
 def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite: bool) -> Tuple[Path, Optional[RunLock]]:
@@ -133,6 +138,7 @@ def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite
     setup_logging(exp_dir, accelerator.is_main_process)
     for note in lock.notes if lock is not None else ():
         log.warning("%s", note)
+    log.info("mixed precision: %s", getattr(accelerator, "precision_reason", accelerator.mixed_precision))
     return exp_dir, lock
 
 
@@ -207,7 +213,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     trained = [prm for g in groups for prm in g["params"]]
     text_encoders = [m for name, m in models.modules().items() if name.startswith("text_encoder")]
     train_text = any(prm.requires_grad for te in text_encoders for prm in te.parameters())
-    place_models(models, acc.device, p.model)
+    place_models(models, acc.device, p.model, acc.mixed_precision)
     data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
                        wait=acc.wait_for_everyone)
     # Models are not wrapped in DDP: gradients of the trained tensors are averaged across
@@ -250,9 +256,9 @@ def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encode
     return cache_text(encoder, models, data.prepared, extra, device=device)
 
 
-def place_models(models: ModelBundle, device: Any, model_cfg: Any) -> None:
+def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: str) -> None:
     """Move every part to ``device``; frozen weights go half precision on CUDA (trained ones stay fp32)."""
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(model_cfg.mixed_precision) if device.type == "cuda" else None
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
     trains = {}
     for name, module in models.modules().items():
         trains[name] = any(prm.requires_grad for prm in module.parameters())

@@ -231,3 +231,24 @@ layers = ['re:.*\\.attn2$', 'down_blocks.0.resnets.0.conv1']
     # The file holds the factors and little else: no 100000-row matrices.
     stored = sum(v.numel() * v.element_size() for v in weights.values())
     assert (exp / "lora.safetensors").stat().st_size < stored + 64 * 1024
+
+
+def test_under_autocast_the_branch_keeps_the_activation_in_half_precision_and_fp32_masters() -> None:
+    host = torch.nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    branch = LoraBranch(host, 2, 2.0)
+    torch.nn.init.normal_(branch.up.weight)
+    attach_branch(host, branch)
+    seen = []
+    branch.down.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = host(x)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and y.dtype == torch.bfloat16
+    assert branch.down.weight.dtype == torch.float32  # master weights stay fp32
+    # Without autocast the fp32 factors see an fp32 input: the exact path training on CPU takes.
+    seen.clear()
+    host.float()
+    out = host(x.float())
+    assert seen == [(torch.float32, torch.float32)]
+    expected = torch.nn.functional.linear(x.float(), host.weight, host.bias) + branch.up(branch.down(x.float())) * branch.scale
+    assert torch.equal(out, expected)

@@ -119,8 +119,12 @@ class LoraBranch(nn.Module):
             self.up.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.down.weight.dtype
-        return self.up(self.down(self.dropout(x.to(dtype)))) * self.scale
+        # Under autocast the factors are cast to the autocast dtype like every other weight, so the
+        # half-precision activation is used as is (no fp32 copy of it); the factors stay fp32
+        # master weights. Without autocast, the input meets the factors' dtype.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.down.weight.dtype)
+        return self.up(self.down(self.dropout(x))) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * up @ down`` shaped like the host weight, in float32."""

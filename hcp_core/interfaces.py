@@ -7,7 +7,7 @@ Torch is imported lazily by implementations, never here.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import attrs
 
@@ -171,7 +171,11 @@ class ModelBundle:
 
 @attrs.frozen
 class AdapterContext:
-    """What an adapter gets besides its configs."""
+    """What an adapter gets besides its configs.
+
+    ``default_layers`` is the model family's optional ``default_layers(part)`` (None when the
+    family has none): the layer patterns an adapter may use for a group that names no layers.
+    """
 
     exp_dir: str
     base_dir: str = "."
@@ -179,6 +183,8 @@ class AdapterContext:
     resolution: Optional[Size] = None
     seed: int = 0
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    #: ``part -> layer patterns`` (hcp's syntax: names or ``re:`` patterns), from the model family.
+    default_layers: Optional[Callable[[str], List[str]]] = None
 
 
 @attrs.frozen
@@ -263,9 +269,11 @@ class ModelFamily(Protocol):
     objective and rendering images. ``parts`` names the model parts adapters may target.
 
     Optional members: ``size_multiple(models) -> int`` (what bucket sides must be multiples of,
-    default the latent factor; a transformer patching 2x2 latents needs twice it) and
+    default the latent factor; a transformer patching 2x2 latents needs twice it),
     ``text_cache = True`` (prompt outputs have a fixed shape per prompt, so ``model.cache_text``
-    may encode them once).
+    may encode them once) and ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
+    group on ``part`` uses when it names no ``layers``; an empty list when the family has none
+    for that part).
     """
 
     parts: Tuple[str, ...]

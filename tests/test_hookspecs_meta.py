@@ -173,8 +173,9 @@ def test_model_family_detection_is_exercised_by_a_temporary_plugin(tmp_path: Pat
 
 
 def test_model_family_members_are_documented_in_contributing() -> None:
-    """Every member of the ModelFamily protocol, the optional ``size_multiple`` (which the run
-    reads when present) and every TrainingPrediction field are described in the Model families section."""
+    """Every member of the ModelFamily protocol, the optional ``size_multiple`` and ``default_layers``
+    (which the run reads when present, the latter into ``AdapterContext``) and every TrainingPrediction
+    field are described in the Model families section."""
     text = CONTRIBUTING.read_text(encoding="utf-8")
     section = text.split("### Model families", 1)[1].split("\n## ", 1)[0]
     members = [n for n in vars(interfaces.ModelFamily) if not n.startswith("_")]
@@ -183,6 +184,8 @@ def test_model_family_members_are_documented_in_contributing() -> None:
     missing = [m for m in members if f"`{m}" not in section]
     assert not missing, f"CONTRIBUTING.md's Model families section does not describe {missing}"
     assert "optional `size_multiple" in section
+    assert "optional `default_layers" in section and "default_layers(part)" in (interfaces.ModelFamily.__doc__ or "")
+    assert "`default_layers`" in text.split("- `AdapterContext`:", 1)[1].split("\n- ", 1)[0]
     fields = [f.name for f in attrs.fields(interfaces.TrainingPrediction)]
     assert not [f for f in fields if f"`{f}`" not in section], "describe every TrainingPrediction field"
 

@@ -41,7 +41,8 @@ def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional
     except UserError as exc:
         errors.append(str(exc))
     context = AdapterContext(exp_dir=str(pipeline.exp_dir), base_dir=pipeline.base_dir, clip_skip=model.clip_skip,
-                             seed=pipeline.seed, extra={"max_steps": pipeline.train.max_steps})
+                             seed=pipeline.seed, extra={"max_steps": pipeline.train.max_steps},
+                             default_layers=getattr(family, "default_layers", None))
     try:
         adapters = build_adapters(pipeline, context)
     except UserError as exc:

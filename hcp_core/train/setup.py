@@ -200,7 +200,8 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
                             verify_images=True)
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
     context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
-                             resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps})
+                             resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps},
+                             default_layers=getattr(family, "default_layers", None))
     check_parts(p, family)
     adapters = build_adapters(p, context)
     groups: List[Dict[str, Any]] = []

@@ -43,6 +43,13 @@ class StableDiffusionFamily:
         """Pixels per latent side: 2 ** (VAE down blocks - 1), 8 for SD."""
         return 2 ** (len(models.vae.config.block_out_channels) - 1)
 
+    def default_layers(self, part: str) -> List[str]:
+        """What a LoRA group on ``part`` targets without ``layers``: the UNet's transformer blocks
+        (kohya's default) and the CLIP encoders' attention and MLP layers (see :mod:`.default_layers`)."""
+        from .default_layers import STABLE_DIFFUSION, patterns_for
+
+        return patterns_for(STABLE_DIFFUSION, part)
+
     # ------------------------------------------------------------------ prompts
     def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> Any:
         """CLIP prompt encoding with webui-style 75-token chunks and clip skip (SDXL: both encoders)."""

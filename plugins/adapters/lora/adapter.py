@@ -21,7 +21,7 @@ from torch import nn
 
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.interfaces import AdapterContext, ModelBundle
-from hcp_core.models.layer_select import LayerSelectionError, select_layers
+from hcp_core.models.layer_select import LayerSelectionError, compile_pattern, model_modules, select_layers
 
 from .config import LoraGroupConfig, LoraOptions
 from .layer import LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
@@ -83,6 +83,7 @@ class LoraAdapter:
         self.context = context
         self.options = options_from(options if options is not None else context.extra.get("lora"))
         self.layers: Dict[str, LoraLayer] = {}  # "<part>.<path>" -> layer
+        self._patterns: Dict[str, List[str]] = {}  # "lora_unet[0]" -> the layer patterns it used
         self._files: Dict[str, LoraFile] = {}
         self._kind = "sd"
         self._transformer_family = False
@@ -148,7 +149,12 @@ class LoraAdapter:
         self, label: str, group: LoraGroupConfig, target: str, model: nn.Module,
         owner: Dict[str, str], seeded_from: Dict[str, set],
     ) -> List[nn.Parameter]:  # fmt: skip
-        hosts = lora_hosts(model, group.layers, what=f"{label}.layers")
+        patterns = self._layer_patterns(label, group, target, model)
+        hosts = lora_hosts(model, patterns, what=f"{label}.layers")
+        self._patterns[label] = patterns
+        if group.layers is None:
+            log.info("%s: layers left out: the %s model family's default layers for the %s (%s) matched %d layer(s)",
+                     label, self._kind, target, ", ".join(patterns), len(hosts))
         seed: LayerWeights = {}
         if group.init_from:
             seed = self._seed_layers(label, group, target, model)
@@ -174,6 +180,25 @@ class LoraAdapter:
             self.layers[f"{target}.{name}"] = LoraLayer(target, name, label, host, branch)
             params += [branch.down.weight, branch.up.weight]
         return params
+
+    def _layer_patterns(self, label: str, group: LoraGroupConfig, target: str, model: nn.Module) -> List[str]:
+        """The group's ``layers``, or when it leaves them out the model family's default patterns
+        for ``target`` (``context.default_layers``) that match a module of this model."""
+        if group.layers is not None:
+            return list(group.layers)
+        how = "set layers = [...] (module names from named_modules() or 're:' patterns, see docs/lora.md)"
+        defaults = getattr(self.context, "default_layers", None)
+        patterns = [str(p) for p in (defaults(target) or ())] if defaults is not None else []
+        if not patterns:
+            raise UserError(f"{label}: layers is left out, but the {self._kind} model family has no default layers "
+                            f"for the {target}; {how}")
+        names = [name for name, _ in model_modules(model)]
+        # A family's defaults cover its variants (SD3.5's attn2 is absent from SD3 medium): skip what is absent.
+        used = [p for p in patterns if _matches_any(p, names)]
+        if not used:
+            raise UserError(f"{label}: layers is left out, but the {self._kind} model family's default layers for the "
+                            f"{target} ({', '.join(patterns)}) match no module of the {type(model).__name__}; {how}")
+        return used
 
     def _make_branch(
         self, target: str, name: str, host: nn.Module, group: LoraGroupConfig, seed: Optional[LoraWeights]
@@ -324,9 +349,10 @@ class LoraAdapter:
         out = []
         for target, groups in self.sections.items():
             for i, g in enumerate(groups):
+                label = f"{SECTIONS.get(target, target)}[{i}]"
                 out.append({
-                    "section": f"{SECTIONS.get(target, target)}[{i}]", "rank": g.rank, "alpha": g.alpha,
-                    "svd_init": g.svd_init, "layers": list(g.layers),
+                    "section": label, "rank": g.rank, "alpha": g.alpha,
+                    "svd_init": g.svd_init, "layers": self._patterns.get(label, list(g.layers or ())),
                 })
         return out
 
@@ -356,6 +382,12 @@ def lora_hosts(model: nn.Module, patterns: Sequence[str], *, what: str) -> Dict[
     if not out:
         raise LayerSelectionError(f"{what}: the selected layers are all grouped convolutions, which LoRA cannot use")
     return out
+
+
+def _matches_any(pattern: str, names: Sequence[str]) -> bool:
+    """Whether a layer pattern (a name or ``re:`` regex) selects one of ``names``."""
+    regex = compile_pattern(pattern)
+    return any(regex.match(n) for n in names) if regex is not None else pattern in names
 
 
 def _number(value: float) -> str:

@@ -37,9 +37,12 @@ def _check_rank(inst: Any, attribute: attrs.Attribute, value: Union[int, float])
         )
 
 
-def _check_layers(inst: Any, attribute: attrs.Attribute, value: List[str]) -> None:
+def _check_layers(inst: Any, attribute: attrs.Attribute, value: Optional[List[str]]) -> None:
+    if value is None:  # left out: the model family's default layers for the part
+        return
     if not value:
-        fail(attribute, "list at least one layer name or 're:' pattern")
+        fail(attribute, "list at least one layer name or 're:' pattern, or leave layers out for the model "
+                        "family's default layers (its attention and MLP layers)")
     for pattern in value:
         if not isinstance(pattern, str) or not pattern:
             fail(attribute, f"layer patterns must be non-empty strings, got {pattern!r}")
@@ -62,8 +65,9 @@ class LoraGroupConfig:
     """
 
     #: Layer names from ``model.named_modules()`` or ``re:`` patterns; a container means every
-    #: nn.Linear and nn.Conv2d inside it.
-    layers: List[str] = attrs.field(validator=_check_layers)
+    #: nn.Linear and nn.Conv2d inside it. Left out (None): the model family's default layers for
+    #: this part (its ``default_layers``: the attention and MLP layers); an empty list is an error.
+    layers: Optional[List[str]] = attrs.field(default=None, validator=_check_layers)
     lr: float = attrs.field(default=1e-4, validator=at_least(0))
     #: An int is the rank; a float in (0, 1] is a fraction of each layer's output channels
     #: (``max(1, round(out * rank))``).

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take every option not given here from an image's metadata (hcp or webui)")
     p.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"), help="default bf16 on GPUs that support it (else fp16), fp32 on cpu")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plugins", help="list loaded plugins and their components")

@@ -134,7 +134,7 @@ def test_flux_generation_refuses_sd_only_options_by_name(flux_model_dir, tmp_pat
     base = ["generate", "--model", str(flux_model_dir), "-p", "x", "--steps", "1", "--out", str(tmp_path / "out")]
     (tmp_path / "embs").mkdir()
     cases = [
-        (["--embeddings", str(tmp_path / "embs")], "--embeddings: custom words work with SD 1.x/2.x and SDXL models only; this is a flux model"),
+        (["--embeddings", str(tmp_path / "embs")], "--embeddings: custom words are not supported in hcp generate for flux models"),
         (["--clip-skip", "1", "--size", "64x64"], "--clip-skip 1: this flux model has no CLIP skip"),
         (["--size", "72x64"], "--size 72x64: this flux model renders sizes whose sides are multiples of 16"),
         (["--family", "fluxx"], "unknown model family 'fluxx'"),
@@ -201,7 +201,7 @@ def test_a_large_part_is_written_in_shards_that_diffusers_reads(flux_model_dir, 
 
 
 def test_merge_lora_refuses_a_flux_single_file(flux_model_dir, flux_lora, tmp_path) -> None:
-    with pytest.raises(UserError, match="--single-file: only SD 1.x and SDXL.*this is a flux model"):
+    with pytest.raises(UserError, match="--single-file: flux models have no single-file layout"):
         merge_lora(flux_model_dir, [(str(flux_lora), 1.0)], tmp_path / "out", single_file=tmp_path / "flux.safetensors")
     assert not (tmp_path / "out").exists()
 

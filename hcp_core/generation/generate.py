@@ -220,22 +220,22 @@ def load_for_generation(
     import torch
 
     from ..adapter_files import find_file_adapter
-    from ..models.family import SD_FAMILIES, build_family, family_component
+    from ..models.family import build_family, family_component
     from ..plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
     appliers = [(find_file_adapter(registry, spec.path), spec) for spec in loras]
     component = family_component(model, registry=registry, family=family, config=model_config)
-    sd_like = component.name in SD_FAMILIES
-    if embeddings and not sd_like:
-        raise UserError(f"--embeddings: custom words work with SD 1.x/2.x and SDXL models only; this is a "
-                        f"{component.name} model. Leave --embeddings out.")  # fmt: skip
     fam = build_family(component)
+    if embeddings and not getattr(fam, "custom_words", False):  # optional family member
+        raise UserError(f"--embeddings: custom words are not supported in hcp generate for {component.name} models; "
+                        "leave --embeddings out.")  # fmt: skip
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (("fp16" if sd_like else "bf16") if device.startswith("cuda") else "fp32")
+    if dtype is None:  # bf16 where the GPU has it (T5 overflows in fp16), fp32 on CPU
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "fp32"
     bundle = fam.load(model, prediction_type=prediction_type, config=model_config)
-    if bundle.kind in SD_FAMILIES:
+    if bundle.unet is not None and bundle.text_encoder is not None:  # the shared CLIP conditioning's range
         from ..models.conditioning import max_clip_skip
 
         limit = max_clip_skip(bundle)

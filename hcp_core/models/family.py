@@ -14,10 +14,6 @@ from ..errors import ConfigError, UserError
 from ..interfaces import ModelBundle
 from ..registry import Component, Registry
 
-#: The families whose models are Stable Diffusion 1.x/2.x and SDXL (custom words, single files).
-SD_FAMILIES = ("sd", "sdxl")
-
-
 def family_component(
     pretrained: str,
     *,

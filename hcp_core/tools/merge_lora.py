@@ -166,7 +166,7 @@ def merge_lora(
     process-wide one) that reads it.
     """
     from ..adapter_files import find_file_adapter
-    from ..models.family import SD_FAMILIES, build_family, family_component
+    from ..models.family import build_family, family_component
     from ..plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
@@ -184,10 +184,11 @@ def merge_lora(
     # Every file is matched to its adapter, and the model to its family, before the (slow) model load.
     appliers = [(find_file_adapter(registry, path), path, weight) for path, weight in loras]
     component = family_component(str(src), registry=registry, family=family)
-    if single_file is not None and component.name not in SD_FAMILIES:
-        raise UserError(f"--single-file: only SD 1.x and SDXL models can be written as one file; this is a "
-                        f"{component.name} model. Leave --single-file out: the merged diffusers folder is complete.")
-    models = build_family(component).load(str(src))
+    fam = build_family(component)
+    if single_file is not None and not getattr(fam, "writes_single_file", False):  # optional family member
+        raise UserError(f"--single-file: {component.name} models have no single-file layout in hcp; leave "
+                        "--single-file out: the merged diffusers folder is complete.")
+    models = fam.load(str(src))
     modules = {part: getattr(models, part) for part in MERGE_PARTS if getattr(models, part, None) is not None}
     before = {part: _signature(module) for part, module in modules.items()}
     for adapter, path, weight in appliers:

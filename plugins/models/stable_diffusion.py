@@ -21,6 +21,10 @@ class StableDiffusionFamily:
 
     #: Model parts adapters may target.
     parts = ("unet", "text_encoder", "text_encoder_2")
+    #: ``hcp generate --embeddings`` works (custom words in the CLIP encoders).
+    custom_words = True
+    #: ``merge-lora --single-file`` writes the original (LDM/SGM) single-file layout.
+    writes_single_file = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

@@ -273,7 +273,8 @@ class ModelFamily(Protocol):
     ``text_cache = True`` (prompt outputs have a fixed shape per prompt, so ``model.cache_text``
     may encode them once) and ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
     group on ``part`` uses when it names no ``layers``; an empty list when the family has none
-    for that part).
+    for that part), ``custom_words = True`` (``hcp generate --embeddings`` works on its models) and
+    ``writes_single_file = True`` (``merge-lora --single-file`` can write its models as one file).
     """
 
     parts: Tuple[str, ...]

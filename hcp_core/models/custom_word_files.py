@@ -11,6 +11,12 @@ A word is stored per text encoder ("part") it has vectors for:
   Both sets have the same number of rows ``N``: the word takes ``N`` positions in each encoder's
   prompt.
 
+Which layout a model uses follows from its **CLIP text encoders** (:func:`parts_of` given the
+model): one CLIP (SD 1.x/2.x, and FLUX, whose T5 is not prompt-tuned) reads the single-encoder
+layouts, plus a ``{"clip_l": T}`` dict (ComfyUI's key for FLUX's CLIP-L); two CLIPs (SDXL, and SD3
+with CLIP-L and CLIP-G; its T5 is not prompt-tuned) read ``{clip_l, clip_g}``. Other text encoders
+(T5) never get custom-word vectors.
+
 Pickled files are read with ``torch.load(weights_only=True)``, never unpickling arbitrary objects.
 A word's name is its file's stem. Files are written under a temporary name and renamed, so a
 reader never sees half a file.
@@ -46,9 +52,36 @@ class EmbeddingFileError(DataError):
     """A custom-word file hcp cannot read, or one that does not fit the model."""
 
 
-def parts_of(kind: str) -> Tuple[str, ...]:
-    """The text encoders a custom word of a ``kind`` ("sd" | "sdxl") model has vectors for."""
-    return SDXL_PARTS if kind == "sdxl" else SD_PARTS
+#: Model parts that may hold a text encoder, in order.
+_TEXT_ENCODER_PARTS: Tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def is_clip_text_encoder(module: Any) -> bool:
+    """Whether ``module`` is a CLIP text model (transformers' ``CLIPTextModel`` or ``...WithProjection``)."""
+    if module is None:
+        return False
+    model_type = str(getattr(getattr(module, "config", None), "model_type", "") or "")
+    return model_type in ("clip_text_model", "clip") or type(module).__name__.startswith("CLIPText")
+
+
+def parts_of(kind: Any) -> Tuple[str, ...]:
+    """The text encoders a custom word has vectors for.
+
+    ``kind`` is a loaded model (a :class:`~hcp_core.interfaces.ModelBundle`): its CLIP text
+    encoders, in part order: :data:`SD_PARTS` for one (SD 1.x/2.x; FLUX, whose second encoder is
+    T5), :data:`SDXL_PARTS` for two (SDXL; SD3, whose third is T5). A model with no CLIP text encoder
+    falls back to its ``kind``. ``kind`` may also be the kind string itself: "sdxl" gives
+    :data:`SDXL_PARTS`, any other :data:`SD_PARTS`.
+    """
+    if isinstance(kind, str):
+        return SDXL_PARTS if kind == "sdxl" else SD_PARTS
+    found = tuple(p for p in _TEXT_ENCODER_PARTS if is_clip_text_encoder(getattr(kind, p, None)))
+    if not found:
+        return parts_of(str(getattr(kind, "kind", "sd")))
+    if found not in (SD_PARTS, SDXL_PARTS):
+        raise EmbeddingFileError(f"custom words support models with one or two CLIP text encoders "
+                                 f"(text_encoder, text_encoder_2); this one has CLIP in {', '.join(found)}")
+    return found
 
 
 # --------------------------------------------------------------------------- reading
@@ -106,10 +139,18 @@ def _single_vectors(data: Any, path: Path) -> torch.Tensor:
         return next(iter(params.values()))
     if "emb_params" in data:  # webui's safetensors layout
         return data["emb_params"]
-    if _is_sdxl_data(data):
+    if "clip_g" in data:
         raise EmbeddingFileError(
-            f"custom word file {path} is an SDXL embedding (clip_l / clip_g); it does not fit this SD 1.x/2.x text encoder"
+            f"custom word file {path} is an SDXL embedding (clip_l / clip_g); it does not fit this model's one CLIP text encoder (SD 1.x/2.x)"
         )
+    if "clip_l" in data:  # ComfyUI's (and OneTrainer's) key of CLIP-L vectors, e.g. a FLUX embedding
+        others = [str(k) for k in data if k != "clip_l"]
+        if others:
+            raise EmbeddingFileError(
+                f"custom word file {path} holds vectors for other text encoders too ({', '.join(others[:4])}); this "
+                "model's custom words have CLIP-L vectors only (hcp does not prompt-tune T5): keep only 'clip_l'"
+            )
+        return data["clip_l"]
     tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
         keys = ", ".join(map(str, list(data)[:6]))
@@ -125,8 +166,9 @@ def _sdxl_vectors(data: Any, path: Path) -> WordVectors:
         what = "holds one vector set (an SD 1.x/2.x embedding)" if not _is_sdxl_data(data) else (
             f"has only {', '.join(k for k in SDXL_FILE_KEYS.values() if k in data)}")  # fmt: skip
         raise EmbeddingFileError(
-            f"custom word file {path} {what}; an SDXL model needs vectors for both text encoders, stored as "
-            "{clip_l: [N, 768], clip_g: [N, 1280]}. Create SDXL words with 'hcp tools create-embedding SDXL_MODEL NAME N'."
+            f"custom word file {path} {what}; an SDXL model (or another with two CLIP text encoders) needs vectors for "
+            "both, stored as {clip_l: [N, 768], clip_g: [N, 1280]}. Create such words with "
+            "'hcp tools create-embedding MODEL NAME N'."
         )
     vectors = {part: _as_vectors(data[key], path, key) for part, key in SDXL_FILE_KEYS.items()}
     rows = {SDXL_FILE_KEYS[part]: int(v.shape[0]) for part, v in vectors.items()}

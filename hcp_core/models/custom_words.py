@@ -21,8 +21,9 @@ overlap, the longest wins.
 
 Files (A1111 ``.pt``, ``.safetensors``, SDXL's ``{clip_l, clip_g}``) are read and written by
 :mod:`hcp_core.models.custom_word_files`; its names are importable from here too.
-:func:`attach_custom_words` installs words into every text encoder of a model (both of SDXL's,
-each from its own vector set) and wraps the prompt encoder to match.
+:func:`install_word_sets` installs words into every CLIP text encoder of a model (both of SDXL's
+or SD3's, each from its own vector set; FLUX's one CLIP-L; never a T5) and :func:`wrap_for_words`
+wraps the prompt encoder to match.
 """
 from __future__ import annotations
 
@@ -302,11 +303,13 @@ def install_word_sets(
 ) -> Dict[str, CustomWords]:
     """Install ``words`` (name -> part -> ``[N, dim]``) into every text encoder of ``models``.
 
-    SD models have one text encoder (part ``text_encoder``), SDXL two (each gets its own vectors:
-    ``clip_l`` and ``clip_g``); a word must have the same ``N`` for every encoder, since it takes
-    ``N`` prompt positions in each. Returns part -> :class:`CustomWords`.
+    The parts are ``models``' CLIP text encoders (:func:`parts_of`): SD models have one (part
+    ``text_encoder``), SDXL two (each gets its own vectors: ``clip_l`` and ``clip_g``); a model
+    that also has a T5 (FLUX: CLIP-L + T5; SD3: CLIP-L + CLIP-G + T5) gets words in its CLIPs only.
+    A word must have the same ``N`` for every encoder, since it takes ``N`` prompt positions in
+    each. Returns part -> :class:`CustomWords`.
     """
-    parts = parts_of(getattr(models, "kind", "sd"))
+    parts = parts_of(models)
     for name, sets in words.items():
         missing = [p for p in parts if p not in sets]
         if missing:
@@ -323,11 +326,21 @@ def install_word_sets(
 
 def wrap_for_words(encoder: Any, installed: Mapping[str, CustomWords]) -> Any:
     """A prompt encoder like ``encoder`` that expands the words of ``installed`` (from
-    :func:`install_word_sets`): a :class:`CustomWordPromptEncoder`, or for SDXL's two-encoder
-    prompt encoder a copy whose encoders are each wrapped with their own words."""
+    :func:`install_word_sets`).
+
+    A plain :class:`PromptEncoder` becomes a :class:`CustomWordPromptEncoder`. A prompt encoder
+    made of several parts (SDXL's, or a family's that also runs T5) exposes its CLIP parts as
+    ``encoders``: a list of :class:`PromptEncoder`, one per installed part in part order (see
+    :func:`parts_of`); the result is a shallow copy whose ``encoders`` are each wrapped with their
+    own words. Everything else such an encoder does (T5) sees the prompt text as it is.
+    """
     inner = getattr(encoder, "encoders", None)
     if inner is None:
         return CustomWordPromptEncoder.wrap(encoder, installed[SD_PARTS[0]])
+    parts = list(installed)
+    if len(inner) != len(parts):
+        raise ValueError(f"{type(encoder).__name__} has {len(inner)} CLIP prompt encoder(s) but custom words are "
+                         f"installed in {len(parts)} text encoder(s) ({', '.join(parts)})")
     wrapped = copy.copy(encoder)
-    wrapped.encoders = [CustomWordPromptEncoder.wrap(e, installed[part]) for e, part in zip(inner, SDXL_PARTS)]
+    wrapped.encoders = [CustomWordPromptEncoder.wrap(e, installed[part]) for e, part in zip(inner, parts)]
     return wrapped

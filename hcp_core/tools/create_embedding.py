@@ -12,9 +12,11 @@ dropped; missing rows are added at the end, drawn from N(0, s^2) where s is the 
 of the model's token embedding table (so they look like ordinary token vectors). Without
 ``--init-text`` all N rows are drawn that way. ``--seed`` makes the random rows reproducible.
 
-For an SDXL model the word gets one vector set per text encoder, each made this way from its own
-tokenizer and token table (random rows come from one seeded stream, encoder 1 first), and the file
-holds ``{clip_l, clip_g}``.
+The vectors are made for the model's CLIP text encoders only. For a model with two (SDXL, SD3)
+the word gets one vector set per CLIP, each made this way from its own tokenizer and token table
+(random rows come from one seeded stream, encoder 1 first), and the file holds ``{clip_l,
+clip_g}``. A model with one CLIP (SD 1.x/2.x, FLUX's CLIP-L) gets one set, in the SD layouts. T5
+encoders (FLUX, SD3) get none: they read the word's name as plain text.
 
 The word is written to ``OUT/NAME.pt`` (A1111 layout) or ``OUT/NAME.safetensors``. A NAME the
 tokenizer already reads as one token is refused (prompts could not use both), as is an existing
@@ -121,23 +123,46 @@ def _check_name(name: str) -> None:
 
 
 #: Folder of each text encoder part's tokenizer in a diffusers model folder.
-_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+
+
+def _clip_architecture(folder: Path) -> Optional[str]:
+    """The transformers class a text-encoder folder's ``config.json`` names, when it is a CLIP
+    text model (``CLIPTextModel``, ``CLIPTextModelWithProjection``); None otherwise (T5, no config)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = [str(a) for a in config.get("architectures") or []]
+    if config.get("model_type") != "clip_text_model" and not any(a.startswith("CLIPText") for a in names):
+        return None
+    return "CLIPTextModelWithProjection" if "CLIPTextModelWithProjection" in names else "CLIPTextModel"
 
 
 def _load_text_parts(model: str) -> Dict[str, Tuple[Any, "torch.Tensor"]]:
-    """Text encoder part -> (tokenizer, token embedding table) of ``model`` (a diffusers folder or
-    a checkpoint): one part for SD 1.x/2.x, two for SDXL."""
+    """Text encoder part -> (tokenizer, token embedding table) of ``model``'s CLIP text encoders (a
+    diffusers folder or a checkpoint): one part for SD 1.x/2.x and FLUX (CLIP-L; its T5 gets no
+    custom-word vectors), two for SDXL and SD3 (CLIP-L and CLIP-G; SD3's T5 none)."""
     path = Path(model)
     if (path / "tokenizer").is_dir() and (path / "text_encoder").is_dir():
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        import transformers
+        from transformers import CLIPTokenizer
         from transformers.utils import logging as transformers_logging
 
+        from ..models.custom_word_files import SD_PARTS, SDXL_PARTS
+
         transformers_logging.disable_progress_bar()  # a one-line tool needs no "Loading weights" bar
-        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-        found = [part for part in classes if (path / part).is_dir() and (path / _TOKENIZER_OF[part]).is_dir()]
+        classes = {part: _clip_architecture(path / part) for part in _TOKENIZER_OF
+                   if (path / part).is_dir() and (path / _TOKENIZER_OF[part]).is_dir()}  # fmt: skip
+        found = tuple(part for part, cls in classes.items() if cls is not None)
+        if found not in (SD_PARTS, SDXL_PARTS):
+            raise UserError(f"{model}: custom words need one or two CLIP text encoders (text_encoder, "
+                            f"text_encoder_2); this model has CLIP in {', '.join(found) or 'none'}")
         loaded = {
             part: (CLIPTokenizer.from_pretrained(str(path / _TOKENIZER_OF[part])),
-                   classes[part].from_pretrained(str(path / part)))
+                   getattr(transformers, str(classes[part])).from_pretrained(str(path / part)))
             for part in found
         }  # fmt: skip
     else:  # a single-file checkpoint: the full loader knows how
@@ -145,7 +170,7 @@ def _load_text_parts(model: str) -> Dict[str, Tuple[Any, "torch.Tensor"]]:
         from ..models.loading import load_models
 
         bundle = load_models(model)
-        loaded = {part: (getattr(bundle, _TOKENIZER_OF[part]), bundle.part(part)) for part in parts_of(bundle.kind)}
+        loaded = {part: (getattr(bundle, _TOKENIZER_OF[part]), bundle.part(part)) for part in parts_of(bundle)}
     return {part: (tok, enc.get_input_embeddings().weight.detach()) for part, (tok, enc) in loaded.items()}
 
 
@@ -162,8 +187,8 @@ def create_embedding(
 ) -> Tuple[Path, "torch.Tensor", List[str]]:
     """Create custom word ``name`` for ``model``; return (file written, vectors, notes).
 
-    The vectors are a tensor ``[N, dim]``, or for SDXL a dict part -> tensor (``text_encoder``,
-    ``text_encoder_2``).
+    The vectors are a tensor ``[N, dim]``, or for a model with two CLIP text encoders (SDXL, SD3) a
+    dict part -> tensor (``text_encoder``, ``text_encoder_2``).
     """
     import torch
 

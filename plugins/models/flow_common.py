@@ -52,7 +52,21 @@ def tokenize_to_length(tokenizer: Any, prompts: List[str], length: int, what: st
 
 class TwoStepPromptEncoder:
     """Base of the flow families' prompt encoders: ``tokenize`` then ``encode``, separate steps so
-    that wrappers can change the token ids in between."""
+    that wrappers can change the token ids in between.
+
+    ``encoders`` lists the CLIP parts as hcp :class:`~hcp_core.models.text_encoding.PromptEncoder`
+    objects (one 77-token window each), in text-encoder part order: prompt tuning
+    (:func:`hcp_core.models.custom_words.wrap_for_words`) replaces them in a copy with encoders that
+    expand custom words. T5 is not among them: it always reads the prompt text as written.
+    """
+
+    encoders: List[Any] = []
+
+    @property
+    def uses(self) -> Optional[Dict[str, int]]:
+        """How often each custom word was put into a prompt (the first CLIP's count), or None
+        without custom words."""
+        return getattr(self.encoders[0], "uses", None) if self.encoders else None
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Any:
         raise NotImplementedError
@@ -139,6 +153,9 @@ class FlowMatchingFamily:
     #: Prompt outputs have a fixed shape (padded CLIP and T5 tokens, pooled vectors), so
     #: ``model.cache_text`` may encode every prompt once.
     text_cache = True
+    #: Part -> the layer patterns a LoRA group on it targets without ``layers`` (set by each
+    #: family from :mod:`.default_layers`; a part left out has no defaults).
+    default_layer_patterns: Mapping[str, Tuple[str, ...]] = {}
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -146,6 +163,10 @@ class FlowMatchingFamily:
     def part_classes(self, path: Path) -> Dict[str, Any]:
         """Part name -> the class that loads it."""
         raise NotImplementedError
+
+    def default_layers(self, part: str) -> List[str]:
+        """The layer patterns a LoRA group on ``part`` targets when it names no ``layers``."""
+        return list(self.default_layer_patterns.get(part, ()))
 
     # ------------------------------------------------------------------ loading
     def check_prediction_type(self, prediction_type: Optional[str]) -> None:

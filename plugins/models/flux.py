@@ -27,9 +27,11 @@ import torch
 
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import ModelBundle
+from hcp_core.models.text_encoding import PromptEncoder
 
 from . import flow_matching as fm
 from .config import DYNAMIC_SHIFT, FluxConfig
+from .default_layers import FLUX as DEFAULT_LAYERS
 from .flow_common import FlowMatchingFamily, FlowModelSpec, TwoStepPromptEncoder, read_index
 from .flow_common import t5_hidden_states, tokenize_to_length, tokenizer_class
 
@@ -53,7 +55,10 @@ class FluxPromptEncoder(TwoStepPromptEncoder):
 
     :meth:`tokenize` and :meth:`encode` are separate steps (like hcp's ``PromptEncoder``) so that
     wrappers can change the token ids; nothing here disables gradients, so trained text-encoder
-    weights get them through :meth:`encode`.
+    weights (and custom-word vectors) get them through :meth:`encode`. CLIP is tokenized by
+    ``encoders[0]``, an hcp :class:`PromptEncoder` of one 77-token window (the same ids as the
+    pipeline's padded, truncated tokenization); prompt tuning swaps it for one that expands custom
+    words. T5 always tokenizes the prompt as written (a custom word's name is plain text to it).
     """
 
     def __init__(self, tokenizer: Any, text_encoder: Any, tokenizer_2: Any, text_encoder_2: Any, *,
@@ -65,13 +70,17 @@ class FluxPromptEncoder(TwoStepPromptEncoder):
         self.max_sequence_length = int(max_sequence_length)
         #: FluxPipeline's ``tokenizer_max_length``: the CLIP tokenizer's model_max_length (77).
         self.clip_length = int(tokenizer.model_max_length) if tokenizer is not None else 77
+        #: CLIP-L as a one-window hcp PromptEncoder (prompt tuning wraps it; see TwoStepPromptEncoder).
+        self.encoders = [] if tokenizer is None or text_encoder is None else [
+            PromptEncoder(tokenizer, text_encoder, max_chunks=1, norm_after_skip=False)]
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
         """``{"clip": [B, 77], "t5": [B, max_sequence_length]}`` token ids, padded and truncated."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
-        clip = tokenize_to_length(self.tokenizer, prompts, self.clip_length, "CLIP")
+        clip = (self.encoders[0].tokenize(prompts) if self.encoders
+                else tokenize_to_length(self.tokenizer, prompts, self.clip_length, "CLIP"))
         t5 = tokenize_to_length(self.tokenizer_2, prompts, self.max_sequence_length, "T5")
         return {"clip": clip, "t5": t5}
 
@@ -92,6 +101,8 @@ class FluxFamily(FlowMatchingFamily):
                          pipeline_class="FluxPipeline", example_source="black-forest-labs/FLUX.1-dev")
     #: Model parts adapters may target ([[transformer]], [[lora_transformer]], [[text_encoder]], ...).
     parts = ("transformer", "text_encoder", "text_encoder_2")
+    #: What [[lora_*]] groups without ``layers`` target (attention and MLP layers, :mod:`.default_layers`).
+    default_layer_patterns = DEFAULT_LAYERS
 
     def part_classes(self, path: Path) -> Dict[str, Any]:
         """Part name -> the class that loads it (the T5 tokenizer as ``model_index.json`` names it)."""

@@ -33,6 +33,7 @@ from hcp_core.interfaces import ModelBundle
 from hcp_core.models.text_encoding import PromptEncoder, num_encoder_layers
 
 from .config import SD3Config
+from .default_layers import SD3 as DEFAULT_LAYERS
 from .flow_common import FlowMatchingFamily, FlowModelSpec, TwoStepPromptEncoder, read_index
 from .flow_common import t5_hidden_states, tokenize_to_length, tokenizer_class
 
@@ -64,9 +65,11 @@ class SD3PromptEncoder(TwoStepPromptEncoder):
     """Prompts -> SD3 text conditioning, as ``StableDiffusion3Pipeline.encode_prompt`` computes it.
 
     The two CLIP encoders are hcp :class:`PromptEncoder` objects limited to one 77-token window
-    (``clip_encoders``); T5 is tokenized to ``max_sequence_length``. :meth:`tokenize` and
-    :meth:`encode` are separate steps so wrappers can change the token ids; nothing here disables
-    gradients, so trained text-encoder weights get them through :meth:`encode`.
+    (``encoders``: prompt tuning swaps them for encoders that expand custom words, CLIP-L's and
+    CLIP-G's vectors each in its own); T5 is tokenized to ``max_sequence_length`` from the prompt
+    as written (a custom word's name is plain text to it). :meth:`tokenize` and :meth:`encode` are
+    separate steps so wrappers can change the token ids; nothing here disables gradients, so
+    trained text-encoder weights (and custom-word vectors) get them through :meth:`encode`.
     """
 
     def __init__(self, models: ModelBundle, *, clip_skip: int = 0, max_sequence_length: int = 256) -> None:
@@ -78,7 +81,7 @@ class SD3PromptEncoder(TwoStepPromptEncoder):
             )
         self.clip_skip = clip_skip
         skip = clip_skip + SD3_BASE_SKIP
-        self.clip_encoders = [
+        self.encoders = [
             PromptEncoder(models.tokenizer, models.text_encoder, clip_skip=skip, max_chunks=1, norm_after_skip=False),
             PromptEncoder(models.tokenizer_2, models.text_encoder_2, clip_skip=skip, max_chunks=1, norm_after_skip=False),
         ]
@@ -89,15 +92,15 @@ class SD3PromptEncoder(TwoStepPromptEncoder):
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Dict[str, torch.Tensor]:
         """``{"clip": [B, 77], "clip_2": [B, 77], "t5": [B, max_sequence_length]}`` token ids."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        first, second = (encoder.tokenize(prompts) for encoder in self.clip_encoders)
+        first, second = (encoder.tokenize(prompts) for encoder in self.encoders)
         t5 = tokenize_to_length(self.tokenizer_3, prompts, self.max_sequence_length, "T5")
         return {"clip": first, "clip_2": second, "t5": t5}
 
     def encode(self, ids: Mapping[str, torch.Tensor]) -> SD3Prompts:
         """The joint text tokens and the pooled projection for ids from :meth:`tokenize`."""
-        first = self.clip_encoders[0].encode_with_pooled(ids["clip"])
-        second = self.clip_encoders[1].encode_with_pooled(ids["clip_2"])
-        dtype = self.clip_encoders[0].text_encoder.dtype  # the pipeline casts both to text_encoder's dtype
+        first = self.encoders[0].encode_with_pooled(ids["clip"])
+        second = self.encoders[1].encode_with_pooled(ids["clip_2"])
+        dtype = self.encoders[0].text_encoder.dtype  # the pipeline casts both to text_encoder's dtype
         clip = torch.cat([first.hidden.to(dtype), second.hidden.to(dtype)], dim=-1)
         t5 = t5_hidden_states(self.text_encoder_3, ids["t5"])
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -116,6 +119,8 @@ class SD3Family(FlowMatchingFamily):
                          example_source="stabilityai/stable-diffusion-3.5-medium")
     #: Model parts adapters may target ([[transformer]], [[lora_transformer]], [[lora_text_encoder]], ...).
     parts = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+    #: What [[lora_*]] groups without ``layers`` target (attention and MLP layers, :mod:`.default_layers`).
+    default_layer_patterns = DEFAULT_LAYERS
 
     def part_classes(self, path: Path) -> Dict[str, Any]:
         """Part name -> the class that loads it (the T5 tokenizer as ``model_index.json`` names it)."""

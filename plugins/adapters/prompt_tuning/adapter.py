@@ -5,12 +5,15 @@ Every word in ``[tokenizer_pt].emb_dir`` is installed into the text encoder (see
 ``train`` are Parameters with their own optimizer group and learning rate. Words not listed, and
 the model's own token table, never change.
 
-On SDXL every word has one vector set per text encoder (``clip_l`` for encoder 1, ``clip_g`` for
-encoder 2, read from ``{clip_l, clip_g}`` files); a trained word trains both, in one optimizer group.
+Words live in the model's CLIP text encoders only (:func:`parts_of`). On SDXL and SD3 every word
+has one vector set per CLIP (``clip_l`` for encoder 1, ``clip_g`` for encoder 2, read from
+``{clip_l, clip_g}`` files); a trained word trains both, in one optimizer group. On FLUX a word has
+CLIP-L vectors only (SD 1.x's file layouts). T5 (FLUX, SD3) is never prompt-tuned: it reads the
+word's name as plain text.
 
 Exports: ``<exp_dir>/embeddings/<name>.pt`` (A1111 layout) and ``<name>.safetensors``
-(``{name: tensor}``) at the end (SDXL: ``<name>.safetensors`` as ``{clip_l, clip_g}``, the layout
-webui, ComfyUI and kohya read); ``<exp_dir>/embeddings/step-<N>/`` at each checkpoint, so any of
+(``{name: tensor}``) at the end (SDXL, SD3: ``<name>.safetensors`` as ``{clip_l, clip_g}``, the
+layout webui, ComfyUI and kohya read); ``<exp_dir>/embeddings/step-<N>/`` at each checkpoint, so any of
 these folders can be used as an ``emb_dir`` as it is. With ``replace = true`` the final vectors are
 also written back into the words' own files in ``emb_dir``.
 """
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 SECTION = "tokenizer_pt"
 EXPORT_DIR = "embeddings"
 EXPORT_SUFFIXES = (".pt", ".safetensors")
-#: SDXL words are exported as safetensors only: the layout every SDXL tool reads.
+#: Two-CLIP words (SDXL, SD3) are exported as safetensors only: the layout every SDXL tool reads.
 SDXL_EXPORT_SUFFIXES = (".safetensors",)
 
 
@@ -86,7 +89,10 @@ class PromptTuningAdapter:
         """Install every word of ``emb_dir``; one optimizer group per trained word."""
         if self.installed is not None:
             raise RuntimeError("this prompt-tuning adapter is already attached")
-        self.parts = parts_of(models.kind)
+        try:
+            self.parts = parts_of(models)
+        except EmbeddingFileError as exc:
+            raise ConfigError(f"{SECTION}: {exc}") from None
         if not self.emb_dir.is_dir():
             raise ConfigError(
                 f"{SECTION}.emb_dir: folder {self.emb_dir} does not exist; create custom words there with "
@@ -124,7 +130,7 @@ class PromptTuningAdapter:
 
     def wrap_prompt_encoder(self, encoder: Any) -> Any:
         """The run's prompt encoder, expanding the custom words into their placeholder tokens
-        (on SDXL, in both encoders)."""
+        (in every CLIP part of a multi-encoder prompt encoder: SDXL's two, SD3's two, FLUX's one)."""
         if self.installed is None:
             raise RuntimeError("attach() first")
         self.encoder = wrap_for_words(encoder, self.installed)
@@ -137,7 +143,7 @@ class PromptTuningAdapter:
         return {part: words.params[name] for part, words in self.installed.items()}
 
     def _state_key(self, name: str, part: str) -> str:
-        """Checkpoint key of a word's vectors: the name, plus ``.clip_l`` / ``.clip_g`` on SDXL."""
+        """Checkpoint key of a word's vectors: the name, plus ``.clip_l`` / ``.clip_g`` on SDXL and SD3."""
         return name if len(self.parts) == 1 else f"{name}.{SDXL_FILE_KEYS[part]}"
 
     def _trained_params(self) -> Dict[str, torch.nn.Parameter]:

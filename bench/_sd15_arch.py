@@ -3,9 +3,9 @@
 Nothing is downloaded. The UNet is diffusers' ``UNet2DConditionModel`` with its defaults (the SD 1.5
 block layout, ~860M parameters) and ``cross_attention_dim=768``; the VAE has SD's layout
 (``block_out_channels=(128, 256, 512, 512)``, 2 ResNets per level, 4 latent channels, scaling
-0.18215). The CLIP text encoder has SD 1.5's width (768, 12 heads, MLP 3072) but only
-``TEXT_LAYERS`` transformer layers instead of 12, to keep the folder small and set-up quick; the
-tokenizer is hcp's demo BPE. Weights are seeded, so every build is identical.
+0.18215). The CLIP text encoder has SD 1.5's width (768, 12 heads, MLP 3072) but by default only
+``TEXT_LAYERS`` transformer layers instead of 12, to keep the folder small and set-up quick
+(``text_layers=12`` gives SD's depth); the tokenizer is hcp's demo BPE. Weights are seeded, so every build is identical.
 
 The folder is written once under ``/tmp`` and reused (``ensure_model``); a marker file holding the
 layout version says it is complete.
@@ -24,8 +24,10 @@ MARKER = "hcp_bench_sd15.json"
 DEFAULT_MODEL_DIR = Path("/tmp/hcp_bench_sd15")
 
 
-def build_model(out: Path) -> Path:
-    """Write the random SD 1.5-architecture diffusers folder to ``out`` (replacing it); return ``out``."""
+def build_model(out: Path, text_layers: int = TEXT_LAYERS) -> Path:
+    """Write the random SD 1.5-architecture diffusers folder to ``out`` (replacing it); return ``out``.
+
+    ``text_layers``: transformer layers of the CLIP text encoder (SD 1.5: 12)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -39,7 +41,7 @@ def build_model(out: Path) -> Path:
     tokenizer = save_demo_tokenizer(out / "tokenizer", vocab, merges)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=TEXT_LAYERS,
+        vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
         bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN],
     ))
@@ -58,19 +60,21 @@ def build_model(out: Path) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / MARKER).write_text(json.dumps({"version": LAYOUT_VERSION, "text_layers": TEXT_LAYERS}) + "\n")
+    (out / MARKER).write_text(json.dumps({"version": LAYOUT_VERSION, "text_layers": text_layers}) + "\n")
     return out
 
 
-def ensure_model(out: Path = DEFAULT_MODEL_DIR) -> Path:
-    """The model folder at ``out``, built first if it is missing or from another layout version."""
+def ensure_model(out: Path = DEFAULT_MODEL_DIR, text_layers: int = TEXT_LAYERS) -> Path:
+    """The model folder at ``out``, built first if it is missing, from another layout version or
+    with another number of text-encoder layers."""
     marker = out / MARKER
     try:
-        if json.loads(marker.read_text())["version"] == LAYOUT_VERSION:
+        found = json.loads(marker.read_text())
+        if found["version"] == LAYOUT_VERSION and found.get("text_layers", TEXT_LAYERS) == text_layers:
             return out
     except (OSError, ValueError, KeyError):
         pass
-    return build_model(out)
+    return build_model(out, text_layers)
 
 
 def write_images(root: Path, count: int, size: int = 256, seed: int = 0) -> List[Path]:

@@ -1,0 +1,520 @@
+"""Benchmark on one GPU: hcp's SD 1.5 LoRA training step against a minimal hand-written loop.
+
+    python bench/bench_gpu.py --json $OUT/bench_gpu.json     # the full setting on a CUDA GPU (~3-5 min)
+    python bench/bench_gpu.py --variants hcp,hcp-cached      # without the minimal loop
+    python bench/bench_gpu.py --tiny --device cpu --steps 3 --warmup 1   # a smoke run of the script (CPU, < 1 min)
+
+The setting (issue "Speed on the GPU", its reference table):
+
+* model: an SD 1.5-architecture diffusers folder with random weights, written offline by
+  ``_sd15_arch.py`` (diffusers' default ``UNet2DConditionModel``, ~860M parameters, with
+  ``cross_attention_dim=768``; SD's VAE; a **12-layer** CLIP text encoder of CLIP-L's width; hcp's
+  demo tokenizer), built once under the temp dir (about 4 GB; ~1 min the first time);
+* data: 32 synthetic 512x512 PNG images with captions, batch 4, a fixed 512x512 bucket;
+* LoRA rank 16 / alpha 16 on ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every ``attn1``/``attn2``
+  (both sides train the same 3.2M parameters), AdamW lr 1e-4 (weight decay 0.01);
+* bf16 mixed precision (frozen UNet and text-encoder weights in bf16, the VAE and the LoRA weights in
+  fp32), diffusers' default SDPA attention processor, no gradient checkpointing;
+* 60 steps, the mean step time of the last 40 (``--steps`` total, ``--warmup`` dropped).
+
+Variants, each in a fresh subprocess, one after another, each with the same fixed seed:
+
+* ``minimal``: a hand-written loop with no framework (bench_train.py's ``LoraLinear`` and layer
+  selection, imported): load 4 images -> VAE encode (fp32, sampled) -> noise + timesteps -> text
+  encoder -> UNet under bf16 autocast -> MSE -> backward -> ``torch.optim.AdamW`` step;
+* ``hcp``: ``build_run(load_config(toml))`` + ``train(run)`` on the equivalent pipeline with hcp's
+  defaults (``mixed_precision = "auto"``, i.e. bf16 on a GPU that has it; ``vae_fp32``; fused
+  AdamW; ``max_grad_norm = 1.0`` clipping, which the minimal loop does not do; no workers);
+* ``hcp-cached``: the same with ``cache_latents = true`` (the VAE encodes each image once during
+  set-up; the steps skip it). ``model.cache_text`` is not offered for SD and stays off.
+
+Reported per variant: mean seconds per step over the timed steps, images/s (batch / s/step),
+launch-to-first-step seconds (from starting the process to the end of its first optimizer step:
+imports, model loading, hcp's set-up including the latent cache, and the first step's CUDA
+warm-up), and peak GPU memory (``torch.cuda.max_memory_allocated`` over the whole process, and
+during the steps alone). Step time is the time between the ends of consecutive optimizer steps
+(CUDA synchronised there), so everything either loop does per step counts (for hcp, a stand-in for
+its LR scheduler marks the end of a step). On a CPU (``--tiny``) memory is the process's peak RSS.
+
+Then a markdown table and a one-line summary: hcp/minimal ratios and the issue's throughput targets
+(>= 22 images/s for hcp's defaults; >= 44 images/s for cached latents + ``torch.compile``, which hcp
+does not implement yet: "n/a"). ``--json PATH`` also writes everything (per-step times included)
+as JSON, and each variant's log next to it.
+
+Needs only this repository (on ``PYTHONPATH`` or installed) and torch, diffusers, transformers,
+accelerate (and their own dependencies: numpy, Pillow, tokenizers, safetensors); nothing is downloaded.
+Without an installed hcp (no ``hcp`` entry points, just the checkout on ``PYTHONPATH``) the hcp
+variants load the built-in plugins from ``plugins/`` themselves. CPU runs use one torch thread per
+process (a smoke test on a shared machine, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from bench_train import ATTN_PATTERN, ATTN_PROJECTIONS, LoraLinear, TimedScheduler  # noqa: E402
+
+LORA_RANK = 16
+LORA_ALPHA = 16.0
+LR = 1e-4
+WEIGHT_DECAY = 1e-2  # torch's AdamW default, and hcp's
+TEXT_LAYERS = 12
+VARIANTS = ("minimal", "hcp", "hcp-cached")
+#: The issue's throughput targets on an H100 (images/s).
+TARGET_DEFAULTS = 22.0
+TARGET_CACHED_COMPILE = 44.0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- worker side
+class Recorder:
+    """Times the steps of one worker: each step ends at an optimizer step (CUDA synchronised)."""
+
+    def __init__(self, device: torch.device, launch_time: float) -> None:
+        self.device = device
+        self.launch_time = launch_time
+        self.steps: List[float] = []
+        self.info: Dict[str, Any] = {}
+        self.last = 0.0
+
+    def begin(self, trainable: int, **info: Any) -> None:
+        """Set-up is over: the first step starts now."""
+        sync(self.device)
+        self.info.update(info, trainable=trainable, ready_s=time.time() - self.launch_time)
+        if self.device.type == "cuda":
+            self.info["gpu_setup_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.info["gpu_at_step1_mib"] = torch.cuda.memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.last = time.perf_counter()
+
+    def step_done(self) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.steps.append(now - self.last)
+        self.last = now
+        if len(self.steps) == 1:
+            self.info["first_step_s"] = time.time() - self.launch_time
+
+    def result(self) -> Dict[str, Any]:
+        out = dict(self.info, step_seconds=self.steps,
+                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if self.device.type == "cuda":
+            steps_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            out["gpu_peak_steps_mib"] = steps_peak
+            out["gpu_peak_mib"] = max(steps_peak, out.get("gpu_setup_peak_mib", 0.0))
+        return out
+
+
+def attention_processors(unet: Any) -> List[str]:
+    """The attention processor classes the UNet uses (SDPA: ``AttnProcessor2_0``)."""
+    return sorted({type(p).__name__ for p in unet.attn_processors.values()})
+
+
+def half_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The minimal loop's mixed precision, as hcp's "auto" picks it: bf16 on a GPU that has it,
+    fp16 on an older one, fp32 on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def minimal_worker(args: argparse.Namespace, rec: Recorder, device: torch.device) -> None:
+    """The hand-written loop: diffusers/transformers only, bf16 autocast, fp32 VAE and LoRA."""
+    import numpy as np
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    model = args.model
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    half = half_dtype(device)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    unet.to(device, dtype=half or torch.float32)
+    text_encoder.to(device, dtype=half or torch.float32)
+    vae.to(device)  # fp32
+    vae.eval()
+    text_encoder.eval()
+
+    torch.manual_seed(args.seed)
+    lora_params: List[torch.nn.Parameter] = []
+    for name, module in list(unet.named_modules()):
+        if not ATTN_PATTERN.match(name):
+            continue
+        for proj in ATTN_PROJECTIONS:
+            parent_name, _, child = proj.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            wrapped = LoraLinear(module.get_submodule(proj), LORA_RANK, LORA_ALPHA)
+            wrapped.down.to(device)  # fp32
+            wrapped.up.to(device)
+            setattr(parent, child, wrapped)  # for "to_out.0" this replaces the ModuleList's item 0
+            lora_params += [wrapped.down.weight, wrapped.up.weight]
+    unet.train()
+    optimizer = torch.optim.AdamW(lora_params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    images = sorted(Path(args.data).glob("*.png"))
+    captions = [p.with_suffix(".txt").read_text().strip() for p in images]
+    scaling = vae.config.scaling_factor
+    order = torch.Generator().manual_seed(args.seed)
+    perm: List[int] = []
+    autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
+
+    rec.begin(trainable=sum(p.numel() for p in lora_params), precision=str(half).replace("torch.", "") if half else "fp32",
+              attention=attention_processors(unet))
+    for _ in range(args.total_steps):
+        if len(perm) < args.batch:  # a fresh shuffle each epoch (32 images / batch 4: 8 steps)
+            perm = torch.randperm(len(images), generator=order).tolist()
+        picked, perm = perm[:args.batch], perm[args.batch:]
+        with torch.no_grad():
+            arr = np.stack([np.asarray(Image.open(images[i]).convert("RGB"), dtype=np.uint8) for i in picked])
+            pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device).float() / 127.5 - 1.0
+            latents = vae.encode(pixels).latent_dist.sample() * scaling
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(picked),), device=device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            ids = tokenizer([captions[i] for i in picked], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            with autocast:
+                hidden = text_encoder(ids).last_hidden_state
+        with autocast:
+            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())  # a training loop reads its loss (and so waits for the step)
+        rec.step_done()
+
+
+def pipeline_toml(args: argparse.Namespace, exp_dir: str, *, cached: bool) -> str:
+    """The hcp pipeline of the minimal loop's setting, hcp's defaults otherwise (paths as JSON strings)."""
+    return f"""
+seed = {args.seed}
+exp_dir = {json.dumps(exp_dir)}
+
+[model]
+pretrained = {json.dumps(args.model)}
+
+[train]
+max_steps = {args.total_steps}
+
+[data.bench]
+batch_size = {args.batch}
+cache_latents = {"true" if cached else "false"}
+bucket = {{ type = "fixed", target_size = [{args.size}, {args.size}] }}
+
+[[data.bench.sources]]
+type = "image_folder"
+img_root = {json.dumps(args.data)}
+
+[[lora_unet]]
+lr = {LR}
+rank = {LORA_RANK}
+alpha = {LORA_ALPHA}
+layers = ['re:.*\\.attn.?$']
+"""
+
+
+def checkout_registry(force: bool = False) -> Any:
+    """None when hcp is installed (its plugins are found through the ``hcp`` entry points); with only
+    the checkout on ``PYTHONPATH`` (no entry points), a registry of the built-in plugins imported from
+    ``plugins/`` under their installed name ``hcp_plugins`` (as setup.py maps them)."""
+    import importlib
+    import importlib.metadata as md
+    import importlib.util
+    import re
+
+    if not force and any(True for _ in md.entry_points(group="hcp")):
+        return None
+    from hcp_core.plugins import build_registry
+
+    if "hcp_plugins" not in sys.modules:
+        try:
+            importlib.import_module("hcp_plugins")
+        except ImportError:
+            spec = importlib.util.spec_from_file_location("hcp_plugins", REPO / "plugins" / "__init__.py",
+                                                          submodule_search_locations=[str(REPO / "plugins")])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["hcp_plugins"] = module
+            spec.loader.exec_module(module)
+    section = (REPO / "pyproject.toml").read_text().partition("[project.entry-points.hcp]")[2].partition("\n[")[0]
+    names = re.findall(r'^\w+\s*=\s*"(hcp_plugins[\w.]*)"', section, flags=re.M)
+    return build_registry(extra_plugins=[importlib.import_module(n) for n in names])
+
+
+def hcp_worker(args: argparse.Namespace, rec: Recorder, device: torch.device) -> None:
+    """hcp's own run (``build_run`` + ``train``); a stand-in LR scheduler marks each step's end."""
+    from hcp_core.plugins import using_registry
+    from hcp_core.train.runner import build_run, train
+
+    registry = checkout_registry(force=bool(os.environ.get("HCP_BENCH_CHECKOUT_PLUGINS")))
+    if registry is not None:
+        with using_registry(registry):
+            return _hcp_worker(args, rec, device, build_run, train, registry)
+    return _hcp_worker(args, rec, device, build_run, train, None)
+
+
+def _hcp_worker(args: argparse.Namespace, rec: Recorder, device: torch.device, build_run: Any, train: Any,
+                registry: Any) -> None:
+    import attrs
+
+    import hcp_core
+
+    exp_dir = Path(args.work) / f"exp-{args.worker}"
+    toml = Path(args.work) / f"{args.worker}.toml"
+    toml.write_text(pipeline_toml(args, str(exp_dir), cached=args.worker == "hcp-cached"))
+    run = build_run(hcp_core.load_config(toml, registry=registry), overwrite=True)
+    if run.accelerator.device.type != device.type:
+        raise RuntimeError(f"hcp runs on {run.accelerator.device}, the bench asked for {device}")
+    run = attrs.evolve(run, lr_scheduler=TimedScheduler(run.lr_scheduler, rec))
+    precision = {"no": "fp32", "bf16": "bfloat16", "fp16": "float16"}.get(run.accelerator.mixed_precision,
+                                                                          run.accelerator.mixed_precision)
+    rec.begin(trainable=sum(p.numel() for p in run.trained_params), precision=precision,
+              attention=attention_processors(run.models.unet))
+    try:
+        train(run)
+    finally:
+        run.close()
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        # One thread: on a shared machine multi-threaded CPU steps stall whenever another job takes a
+        # core (see bench_flux.py's --threads); CPU runs here are smoke tests, not measurements.
+        torch.set_num_threads(1)
+    rec = Recorder(device, args.launch_time)
+    torch.manual_seed(args.seed)
+    (minimal_worker if args.worker == "minimal" else hcp_worker)(args, rec, device)
+    Path(args.result).write_text(json.dumps(rec.result()))
+
+
+# ---------------------------------------------------------------------------- parent side
+def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path) -> Dict[str, Any]:
+    """Run one variant in a fresh process; its result, or ``{"error": ...}`` with the log's tail."""
+    log_path = work / f"{variant}.log"
+    result_path = work / f"{variant}.result.json"
+    launch = time.time()
+    cmd = [sys.executable, __file__, "--worker", variant, "--model", str(args.model), "--data", str(data),
+           "--work", str(work), "--total-steps", str(args.steps), "--seed", str(args.seed), "--device", args.device,
+           "--size", str(args.size), "--batch", str(args.batch), "--result", str(result_path),
+           "--launch-time", repr(launch)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # hcp picks CUDA whenever it sees one
+    with open(log_path, "w") as log:
+        code = subprocess.call(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if args.json:
+        shutil.copy(log_path, Path(args.json).with_suffix(f".{variant}.log"))
+    if code != 0 or not result_path.is_file():
+        return {"error": f"exit code {code}", "log_tail": log_path.read_text(errors="replace")[-4000:],
+                "wall_s": time.time() - launch}
+    result = json.loads(result_path.read_text())
+    timed = result["step_seconds"][args.warmup:]
+    result["s_per_step"] = sum(timed) / len(timed)
+    result["images_per_s"] = args.batch / result["s_per_step"]
+    result["timed_steps"] = len(timed)
+    result["wall_s"] = time.time() - launch
+    return result
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def table(results: Dict[str, Dict[str, Any]], cuda: bool) -> List[str]:
+    mem = ("peak GPU MiB", "peak GPU MiB in steps") if cuda else ("peak RSS MiB", "")
+    head = ["variant", "precision", "s/step", "images/s", "launch to first step s", mem[0]] + ([mem[1]] if cuda else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed ({r['error']}) |" + " |" * (len(head) - 2))
+            continue
+        cells = [name, r.get("precision", "?"), f"{r['s_per_step']:.4f}", f"{r['images_per_s']:.2f}",
+                 f"{r['first_step_s']:.1f}"]
+        cells += [fmt(r.get("gpu_peak_mib"), ",.0f"), fmt(r.get("gpu_peak_steps_mib"), ",.0f")] if cuda else \
+                 [f"{r['peak_rss_mib']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> str:
+    ok = {k: v for k, v in results.items() if "error" not in v}
+    parts = []
+    base = ok.get("minimal")
+    for name in ("hcp", "hcp-cached"):
+        if base and name in ok:
+            parts.append(f"{name}/minimal s/step {ok[name]['s_per_step'] / base['s_per_step']:.3f}x")
+    full = args.device == "cuda" and not args.tiny
+    if "hcp" in ok:
+        ips = ok["hcp"]["images_per_s"]
+        verdict = ("met" if ips >= TARGET_DEFAULTS else "NOT met") if full else "n/a: not the full setting on a GPU"
+        parts.append(f"hcp defaults {ips:.2f} images/s (target >= {TARGET_DEFAULTS:g}: {verdict})")
+    if "hcp-cached" in ok:
+        parts.append(f"hcp-cached {ok['hcp-cached']['images_per_s']:.2f} images/s")
+    parts.append(f"cached+compile target >= {TARGET_CACHED_COMPILE:g} images/s: n/a (torch.compile not implemented yet)")
+    failed = [k for k in results if k not in ok]
+    if failed:
+        parts.append(f"FAILED: {', '.join(failed)}")
+    return "; ".join(parts)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def prepare_model(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    if args.tiny:
+        from hcp_core.demo.model import build_demo_model
+
+        out = Path(tempfile.gettempdir()) / "hcp_bench_gpu_tiny"
+        if not (out / "model_index.json").is_file():
+            build_demo_model(out, seed=0)
+        return str(out)
+    from _sd15_arch import ensure_model
+
+    t0 = time.perf_counter()
+    out = ensure_model(Path(tempfile.gettempdir()) / f"hcp_bench_sd15_te{TEXT_LAYERS}", text_layers=TEXT_LAYERS)
+    print(f"model folder ready in {time.perf_counter() - t0:.0f}s: {out}", flush=True)
+    return str(out)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant, warm-up included (default 60)")
+    parser.add_argument("--warmup", type=int, default=20, help="first steps left out of the mean (default 20)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; --tiny 64)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--images", type=int, default=32, help="synthetic images (default 32)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, run in this order (default {','.join(VARIANTS)})")
+    parser.add_argument("--tiny", action="store_true",
+                        help="hcp's tiny demo SD model and 64 px images: a smoke test of the script (runs on a CPU)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available; without one the bench exits 0 unless --tiny (then cpu)")
+    parser.add_argument("--model", default=None, help="an existing SD-layout diffusers folder (default: built offline)")
+    parser.add_argument("--json", default=None, help="also write the results here as JSON (and the logs next to it)")
+    parser.add_argument("--seed", type=int, default=0)
+    # Worker-only options (the parent passes them).
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--launch-time", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.size is None:
+        args.size = 64 if args.tiny else 512
+    if args.size % 8:
+        parser.error("--size must be a multiple of 8 (the VAE's factor)")
+    if not args.worker and not 0 <= args.warmup < args.steps:
+        parser.error("--warmup must be at least 0 and below --steps (at least one timed step)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args)
+        return 0
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else ("cpu" if args.tiny else None)
+        if args.device is None:
+            print("bench_gpu: torch sees no CUDA device; nothing to measure (use --tiny --device cpu for a smoke run)")
+            return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu: --device cuda, but torch sees no CUDA device; nothing to measure")
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants) or len(set(variants)) != len(variants):
+        raise SystemExit(f"--variants: unknown or repeated in {variants}; choose from {', '.join(VARIANTS)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    from _sd15_arch import write_images
+
+    args.model = prepare_model(args)
+    setting = {
+        "model": "hcp demo tiny SD (--tiny)" if args.tiny else
+                 f"SD 1.5 architecture, random weights (UNet ~860M, SD VAE, {TEXT_LAYERS}-layer CLIP-L-width text encoder)",
+        "model_path": args.model, "images": args.images, "size": args.size, "batch": args.batch,
+        "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "layers": "attn1/attn2 to_q, to_k, to_v, to_out.0"},
+        "optimizer": {"type": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
+        "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "device": args.device,
+        "device_name": device_name(args.device), "torch": torch.__version__, "python": platform.python_version(),
+    }
+    try:
+        import diffusers
+
+        setting["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    print(f"{setting['model']}: {args.images} images {args.size}x{args.size}, batch {args.batch}, LoRA rank {LORA_RANK} "
+          f"alpha {LORA_ALPHA:g}, {args.steps} steps (mean of the last {args.steps - args.warmup}), "
+          f"{args.device} ({setting['device_name']}), torch {torch.__version__}", flush=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="hcp_bench_gpu_") as tmp:
+        work = Path(tmp)
+        data = work / "data"
+        write_images(data, args.images, size=args.size, seed=args.seed)
+        for variant in variants:
+            print(f"  {variant}: running ...", flush=True)
+            r = results[variant] = run_variant(variant, args, work, data)
+            if "error" in r:
+                print(f"  {variant}: FAILED ({r['error']}); the end of its log:\n{r['log_tail']}", flush=True)
+            else:
+                print(f"  {variant}: {r['s_per_step']:.4f} s/step, {r['images_per_s']:.2f} images/s, first step "
+                      f"{r['first_step_s']:.1f}s after launch (set-up {r['ready_s']:.1f}s), {r['precision']}, "
+                      f"attention {'/'.join(r.get('attention', []))}, {r['trainable']:,} trained parameters "
+                      f"({r['wall_s']:.0f}s in all)", flush=True)
+    counts = {k: v["trainable"] for k, v in results.items() if "error" not in v}
+    if len(set(counts.values())) > 1:
+        print(f"WARNING: the variants train different numbers of parameters: {counts}")
+    lines = table(results, args.device == "cuda")
+    line = summary(results, args)
+    print()
+    print("\n".join(lines))
+    print(f"(mean over steps {args.warmup + 1}-{args.steps}; launch to first step: process start to the end of its "
+          "first optimizer step)")
+    print()
+    print(line)
+    print(f"(total {time.perf_counter() - t0:.0f}s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": setting, "variants": results, "table": lines,
+                                               "summary": line}, indent=2) + "\n")
+        print(f"results: {args.json}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

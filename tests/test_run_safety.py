@@ -114,8 +114,21 @@ def test_leftovers_of_killed_saves_are_removed_and_an_exp_dir_that_is_a_file_is_
     assert "is a file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_save_a_checkpoint_and_exit_non_zero(tmp_path, demo_model_dir, demo_data_dir, sig) -> None:
+def test_sighup_and_sigterm_become_a_stop_request_with_the_shell_exit_code() -> None:
+    from hcp_core.train.interrupts import StopSignals, stopped
+
+    before = signal.getsignal(signal.SIGHUP)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is the one reported
+        assert stop.agreed() == signal.SIGHUP
+    assert signal.getsignal(signal.SIGHUP) is before, "the handlers were not put back"
+    err = stopped(signal.SIGHUP, 7, "runs/x/checkpoints/step-00000007")
+    assert err.exit_code == 129 and "stopped by SIGHUP at step 7" in str(err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, demo_model_dir, demo_data_dir, sig) -> None:
     exp = tmp_path / "exp"
     cfg = _pipe(tmp_path, demo_model_dir, demo_data_dir, exp, max_steps=500)
     proc = start_run(cfg, exp)

@@ -73,6 +73,7 @@ from bench_train import (  # noqa: E402  (bench/ is on sys.path only from here o
     Worker,
     after,
     print_profiles,
+    run_lock_step as lock_step,
 )
 
 LORA_RANK = 4
@@ -320,32 +321,8 @@ class FluxWorker(Worker):
 
 
 def run_lock_step(variants: Sequence[str], args: argparse.Namespace, work: Path, data: Path) -> List[FluxWorker]:
-    """bench_train's lock step: one step per process in turn, the order rotating every round."""
-    workers: List[FluxWorker] = []
-    try:
-        for v in variants:  # started one after the other: loading in parallel would only contend
-            workers.append(FluxWorker(v, args, work, data))
-            workers[-1].info.update(workers[-1].receive("ready"))
-        counts = {w.variant: w.info["trainable"] for w in workers}
-        if len(set(counts.values())) != 1:
-            raise RuntimeError(f"the variants train different numbers of parameters: {counts}")
-        print(f"  each variant trains {counts[variants[0]]:,} LoRA parameters", flush=True)
-        total = args.warmup + args.steps
-        for i in range(total):
-            shift = i % len(workers)
-            order = workers[shift:] + workers[:shift]
-            times = {w.variant: w.step() for w in order}
-            print(f"  round {i + 1}/{total}" + (" (warm-up)" if i < args.warmup else "") + ": "
-                  + ", ".join(f"{v} {s:.3f}s" for v, s in times.items()), flush=True)
-        for w in workers:
-            w.close()
-    except BaseException:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-            w.log.close()
-        raise
-    return workers
+    """bench_train's lock step with FLUX workers: one step per process in turn, the order rotating."""
+    return lock_step(variants, args, work, data, worker=FluxWorker)
 
 
 def ratio(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:

@@ -68,7 +68,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from bench_train import ATTN_PATTERN, ATTN_PROJECTIONS, LoraLinear, TimedScheduler  # noqa: E402
+from bench_train import TimedScheduler, wrap_attention_lora  # noqa: E402
 
 LORA_RANK = 16
 LORA_ALPHA = 16.0
@@ -162,18 +162,7 @@ def minimal_worker(args: argparse.Namespace, rec: Recorder, device: torch.device
     text_encoder.eval()
 
     torch.manual_seed(args.seed)
-    lora_params: List[torch.nn.Parameter] = []
-    for name, module in list(unet.named_modules()):
-        if not ATTN_PATTERN.match(name):
-            continue
-        for proj in ATTN_PROJECTIONS:
-            parent_name, _, child = proj.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            wrapped = LoraLinear(module.get_submodule(proj), LORA_RANK, LORA_ALPHA)
-            wrapped.down.to(device)  # fp32
-            wrapped.up.to(device)
-            setattr(parent, child, wrapped)  # for "to_out.0" this replaces the ModuleList's item 0
-            lora_params += [wrapped.down.weight, wrapped.up.weight]
+    lora_params = wrap_attention_lora(unet, LORA_RANK, LORA_ALPHA, device)  # fp32 factors
     unet.train()
     optimizer = torch.optim.AdamW(lora_params, lr=LR, weight_decay=WEIGHT_DECAY)
 

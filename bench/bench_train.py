@@ -193,6 +193,25 @@ class LoraLinear(nn.Module):
         return self.base(x) + self.up(self.down(x)) * self.scale
 
 
+def wrap_attention_lora(unet: Any, rank: int, alpha: float, device: Any = None) -> List[Any]:
+    """Replace the attention projections (ATTN_PATTERN x ATTN_PROJECTIONS) of ``unet`` with
+    :class:`LoraLinear` wrappers (factors in fp32 on ``device``); returns the LoRA parameters."""
+    params: List[Any] = []
+    for name, module in list(unet.named_modules()):
+        if not ATTN_PATTERN.match(name):
+            continue
+        for proj in ATTN_PROJECTIONS:
+            parent_name, _, child = proj.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            wrapped = LoraLinear(module.get_submodule(proj), rank, alpha)
+            if device is not None:
+                wrapped.down.to(device)
+                wrapped.up.to(device)
+            setattr(parent, child, wrapped)  # for "to_out.0" this replaces the ModuleList's item 0
+            params += [wrapped.down.weight, wrapped.up.weight]
+    return params
+
+
 def minimal_worker(args: argparse.Namespace, clock: StepClock) -> None:
     """The hand-written loop: diffusers/transformers only."""
     import numpy as np
@@ -213,16 +232,7 @@ def minimal_worker(args: argparse.Namespace, clock: StepClock) -> None:
     text_encoder.eval()
 
     torch.manual_seed(args.seed)
-    lora_params: List[torch.nn.Parameter] = []
-    for name, module in list(unet.named_modules()):
-        if not ATTN_PATTERN.match(name):
-            continue
-        for proj in ATTN_PROJECTIONS:
-            parent_name, _, child = proj.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            wrapped = LoraLinear(module.get_submodule(proj), LORA_RANK, LORA_ALPHA)
-            setattr(parent, child, wrapped)  # for "to_out.0" this replaces the ModuleList's item 0
-            lora_params += [wrapped.down.weight, wrapped.up.weight]
+    lora_params = wrap_attention_lora(unet, LORA_RANK, LORA_ALPHA)
     unet.train()
     optimizer = torch.optim.AdamW(lora_params, lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -410,15 +420,20 @@ class Worker:
         self.log.close()
 
 
-def run_lock_step(variants: Sequence[str], args: argparse.Namespace, work: Path, data: Path) -> List[Worker]:
-    """Start every variant's process, then let them take one step each in turn, round after round.
+def run_lock_step(variants: Sequence[str], args: argparse.Namespace, work: Path, data: Path,
+                  worker: Callable[..., Any] = None) -> List[Any]:
+    """Start every variant's process (``worker(variant, args, work, data)``, default :class:`Worker`),
+    one after the other (loading in parallel would only contend), then let them take one step
+    each in turn, round after round.
 
     The order rotates every round, so each variant goes first, second, ... equally often.
     """
-    workers = [Worker(v, args, work, data) for v in variants]
+    make = worker or Worker
+    workers: List[Any] = []
     try:
-        for w in workers:
-            w.info.update(w.receive("ready"))
+        for v in variants:
+            workers.append(make(v, args, work, data))
+            workers[-1].info.update(workers[-1].receive("ready"))
         counts = {w.variant: w.info["trainable"] for w in workers}
         if len(set(counts.values())) != 1:
             raise RuntimeError(f"the variants train different numbers of parameters: {counts}")
@@ -429,7 +444,7 @@ def run_lock_step(variants: Sequence[str], args: argparse.Namespace, work: Path,
             order = workers[shift:] + workers[:shift]
             times = {w.variant: w.step() for w in order}
             print(f"  round {i + 1}/{total}" + (" (warm-up)" if i < args.warmup else "") + ": "
-                  + ", ".join(f"{v} {s:.2f}s" for v, s in times.items()), flush=True)
+                  + ", ".join(f"{v} {s:.3f}s" for v, s in times.items()), flush=True)
         for w in workers:
             w.close()
     except BaseException:

@@ -149,8 +149,6 @@ def load_model_skeleton(
     Errors are the :class:`ModelLoadError` that :func:`load_models` would raise for the same
     missing folder or broken config.
     """
-    import torch
-
     path = Path(pretrained).expanduser()
     if not path.exists():
         raise ModelLoadError(missing_model_message(str(pretrained)))
@@ -162,22 +160,8 @@ def load_model_skeleton(
         path = Path(config)
     parts: Dict[str, Any] = {}
     for part, cls in _folder_classes(path).items():
-        where = str(path / part)
         try:
-            if part.startswith("tokenizer"):
-                parts[part] = cls.from_pretrained(where, local_files_only=True)
-            elif part == "scheduler":
-                kwargs = {"prediction_type": prediction_type} if prediction_type else {}
-                parts[part] = cls.from_config(cls.load_config(where), **kwargs)
-            elif hasattr(cls, "load_config"):  # diffusers models
-                with torch.device("meta"):
-                    parts[part] = cls.from_config(cls.load_config(where))
-            else:  # transformers models
-                from transformers import AutoConfig
-
-                model_config = AutoConfig.from_pretrained(where, local_files_only=True)
-                with torch.device("meta"):
-                    parts[part] = cls(model_config)
+            parts[part] = skeleton_part(cls, path / part, part, prediction_type=prediction_type)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise _part_error(path, part, err) from err
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -190,6 +174,27 @@ def load_model_skeleton(
         kind="sdxl" if "text_encoder_2" in parts else "sd", source=str(Path(pretrained)),
         prediction_type=parts["scheduler"].config.prediction_type,
     )
+
+
+def skeleton_part(cls: Any, where: Union[str, Path], part: str, *, prediction_type: Optional[str] = None) -> Any:
+    """One part of a diffusers folder without its weights: a model built from its config on the
+    ``meta`` device; tokenizers and schedulers (small, needed to check prompts) are real."""
+    import torch
+
+    where = str(where)
+    if part.startswith("tokenizer"):
+        return cls.from_pretrained(where, local_files_only=True)
+    if part == "scheduler":
+        kwargs = {"prediction_type": prediction_type} if prediction_type else {}
+        return cls.from_config(cls.load_config(where), **kwargs)
+    if hasattr(cls, "load_config"):  # diffusers models
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(where))
+    from transformers import AutoConfig  # transformers models
+
+    model_config = AutoConfig.from_pretrained(where, local_files_only=True)
+    with torch.device("meta"):
+        return cls(model_config)
 
 
 def is_sdxl_index(index: Dict[str, Any]) -> bool:

@@ -27,6 +27,7 @@ from ..generation.metadata import format_parameters, write_png
 from ..generation.params import GenerationParams
 from ..generation.render import make_grid, render_image
 from ..interfaces import ModelBundle
+from ..models.modes import modules_in_eval
 from . import checkpoint as ckpt
 
 log = logging.getLogger("hcp")
@@ -58,16 +59,12 @@ def _word_counts(encoder: Any) -> List[Dict[str, int]]:
 @contextlib.contextmanager
 def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iterator[None]:
     """Eval mode and untouched global RNG streams inside; everything put back on the way out."""
-    modes: Dict[torch.nn.Module, bool] = {m: m.training for root in modules for m in root.modules()}
     rng = ckpt.rng_state()
     counts = [(uses, dict(uses)) for uses in _word_counts(encoder)]
     try:
-        for root in modules:
-            root.eval()
-        yield
+        with modules_in_eval(modules):
+            yield
     finally:
-        for module, training in modes.items():
-            module.training = training
         ckpt.set_rng_state(rng)
         for uses, before in counts:  # the "trained word appeared in no prompt" warning counts training prompts only
             uses.clear()

@@ -16,17 +16,17 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
 import torch
 
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.interfaces import ModelBundle, TrainingPrediction
+from hcp_core.models.modes import modules_in_eval
 
 from . import flow_matching as fm
 
@@ -110,19 +110,6 @@ def tokenizer_class(index: Mapping[str, Any], part: str) -> Any:
 
 def read_index(path: Path) -> Dict[str, Any]:
     return json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-
-
-@contextlib.contextmanager
-def modules_in_eval(modules: Sequence[Any]) -> Iterator[None]:
-    """Eval mode inside; every submodule's train/eval mode put back on the way out."""
-    modes = {m: m.training for root in modules for m in root.modules()}
-    try:
-        for root in modules:
-            root.eval()
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 # --------------------------------------------------------------------------- the shared family
@@ -245,25 +232,14 @@ class FlowMatchingFamily:
                       prediction_type: Optional[str] = None) -> Optional[ModelBundle]:
         """The same modules built from their configs on the ``meta`` device (no weight read);
         tokenizers and the scheduler are real. Errors are those :meth:`load` would raise."""
-        from transformers import AutoConfig
+        from hcp_core.models.loading import skeleton_part
 
         self.check_prediction_type(prediction_type)
         path = self.folder(pretrained)
         parts: Dict[str, Any] = {}
         for part, cls in self.part_classes(path).items():
-            where = str(path / part)
             try:
-                if part.startswith("tokenizer"):
-                    parts[part] = cls.from_pretrained(where, local_files_only=True)
-                elif part == "scheduler":
-                    parts[part] = cls.from_config(cls.load_config(where))
-                elif hasattr(cls, "load_config"):  # diffusers models
-                    with torch.device("meta"):
-                        parts[part] = cls.from_config(cls.load_config(where))
-                else:  # transformers models
-                    model_config = AutoConfig.from_pretrained(where, local_files_only=True)
-                    with torch.device("meta"):
-                        parts[part] = cls(model_config)
+                parts[part] = skeleton_part(cls, path / part, part)
             except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
                 raise part_error(path, part, err) from err
         return self.bundle(parts, str(path))

@@ -250,14 +250,23 @@ def test_exports_cut_off_by_a_kill_are_written_again_on_resume(tmp_path, demo_mo
     assert_same_tensors(load_file(str(exp / "lora-1.safetensors")), expected)
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_fine_tuning_norm_layers_on_cpu_trains(tmp_path, demo_model_dir, demo_data_dir, cache) -> None:
+def test_fine_tuning_norm_layers_on_cpu_trains_with_and_without_the_latent_cache(tmp_path, demo_model_dir,
+                                                                                  demo_data_dir) -> None:
     # GroupNorm's CPU backward crashed on channels-last latents (exit 139) when only norms trained.
+    # One run, two datasets: latents encoded on the fly and latents read from the cache.
     exp = tmp_path / "exp"
     adapters = "[[unet]]\nlr = 1e-3\nlayers = ['re:down_blocks\\.0\\.resnets\\.0\\.norm[12]$']\n"
-    cfg = _pipe(tmp_path, demo_model_dir, demo_data_dir, exp, max_steps=2, adapters=adapters)
-    done = hcp("run", str(cfg), f"data.ds.cache_latents={str(cache).lower()}")
+    cached = f"""
+[data.cached]
+batch_size = 2
+cache_latents = true
+bucket = {{ type = "fixed", target_size = [64, 64] }}
+sources = [{{ type = "image_folder", img_root = "{demo_data_dir}" }}]
+"""
+    cfg = _pipe(tmp_path, demo_model_dir, demo_data_dir, exp, max_steps=2, adapters=adapters, extra=cached)
+    done = hcp("run", str(cfg))
     assert done.returncode == 0, done.stderr[-2000:]
+    assert list((exp / "latent_cache").rglob("*.safetensors")), "the second dataset's latents were not cached"
     trained = trained_tensors(exp)
     assert trained and all(".norm" in k for k in trained)
 

@@ -72,6 +72,7 @@ from bench_train import (  # noqa: E402  (bench/ is on sys.path only from here o
     TimedScheduler,
     Worker,
     after,
+    parse_variants,
     print_profiles,
     run_lock_step as lock_step,
 )
@@ -457,10 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from _sd15_arch import write_images
 
-    variants = ["minimal"] + [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants[1:] if v not in VARIANTS[1:]]
-    if unknown or len(set(variants)) != len(variants):
-        raise SystemExit(f"--variants: unknown or repeated {variants[1:]}; choose from {', '.join(VARIANTS[1:])}")
+    variants = parse_variants(args.variants, VARIANTS)
     t0 = time.perf_counter()
     args.model = str(ensure_model(args))
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} torch threads"

@@ -523,6 +523,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def parse_variants(text: str, choices: Sequence[str]) -> List[str]:
+    """``"minimal"`` (the baseline, ``choices[0]``) plus the comma-separated ``--variants``."""
+    variants = [choices[0]] + [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants[1:] if v not in choices[1:]]
+    if unknown or len(set(variants)) != len(variants):
+        raise SystemExit(f"--variants: unknown or repeated {variants[1:]}; choose from {', '.join(choices[1:])}")
+    return variants
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -530,10 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from _sd15_arch import DEFAULT_MODEL_DIR, TEXT_LAYERS, ensure_model, write_images
 
-    variants = ["minimal"] + [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants[1:] if v not in VARIANTS[1:]]
-    if unknown or len(set(variants)) != len(variants):
-        raise SystemExit(f"--variants: unknown or repeated {variants[1:]}; choose from {', '.join(VARIANTS[1:])}")
+    variants = parse_variants(args.variants, VARIANTS)
     t0 = time.perf_counter()
     args.model = str(ensure_model(Path(args.model) if args.model else DEFAULT_MODEL_DIR))
     print(f"model: {args.model} (SD 1.5 UNet + VAE, {TEXT_LAYERS}-layer CLIP text encoder, random weights)")

@@ -21,7 +21,7 @@ from hcp_core.errors import ConfigError, UserError
 from hcp_core.generation.params import GenerationParams
 from hcp_core.models.loading import ModelLoadError
 from hcp_core.train.diffusion import sample_seed
-from train_support import assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+from train_support import assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
 
 RATIO_BUCKET = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
 FIXED_64 = 'bucket = { type = "fixed", target_size = [64, 64] }'
@@ -104,11 +104,7 @@ def test_load_gives_a_frozen_flux_bundle_and_the_skeleton_matches(flux, flux_mod
 
     skeleton = fam.load_skeleton(str(flux_model_dir))
     assert skeleton.kind == "flux" and skeleton.unet is None
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        real = {k: v.shape for k, v in getattr(m, name).named_parameters()}
-        meta = dict(getattr(skeleton, name).named_parameters())
-        assert {k: v.shape for k, v in meta.items()} == real, name
-        assert all(v.is_meta for v in meta.values()), name
+    assert_meta_twin(m, skeleton, ("transformer", "vae", "text_encoder", "text_encoder_2"))
 
 
 def test_load_errors_name_the_problem(tmp_path, flux_model_dir) -> None:

@@ -28,7 +28,7 @@ from hcp_core.generation.params import GenerationParams
 from hcp_core.models.loading import ModelLoadError
 from hcp_core.train.diffusion import sample_seed
 from test_flux_family import FIXED_64, OFF, RATIO_BUCKET, TRAIN, capture_inputs, expected_sigma
-from train_support import assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+from train_support import assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
@@ -122,11 +122,7 @@ def test_load_gives_a_frozen_sd3_bundle_and_the_skeleton_matches(sd3, sd3_model_
 
     skeleton = fam.load_skeleton(str(sd3_model_dir))
     assert skeleton.kind == "sd3" and skeleton.unet is None and skeleton.tokenizer_3 is not None
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        real = {k: v.shape for k, v in getattr(m, name).named_parameters()}
-        meta = dict(getattr(skeleton, name).named_parameters())
-        assert {k: v.shape for k, v in meta.items()} == real, name
-        assert all(v.is_meta for v in meta.values()), name
+    assert_meta_twin(m, skeleton, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
 
 
 def test_load_errors_name_the_problem(tmp_path, sd3_model_dir) -> None:

@@ -157,3 +157,12 @@ def start_run(cfg: Path, exp: Path, *, until: str = "step 2/", launcher: tuple =
             raise AssertionError(f"the run ended or stalled before {until!r}: {proc.communicate()[1][-2000:]}")
         time.sleep(0.05)
     return proc
+
+
+def assert_meta_twin(models: object, skeleton: object, parts: tuple) -> None:
+    """Each of ``parts`` of ``skeleton`` has ``models``' parameter names and shapes, all on meta."""
+    for name in parts:
+        real = {k: v.shape for k, v in getattr(models, name).named_parameters()}
+        meta = dict(getattr(skeleton, name).named_parameters())
+        assert {k: v.shape for k, v in meta.items()} == real, name
+        assert all(v.is_meta for v in meta.values()), name

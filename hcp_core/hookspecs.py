@@ -108,3 +108,48 @@ def hcp_register_models(registry: FamilyRegistry) -> None:
 
     .. versionadded:: 0.2
     """
+
+
+@hookspec
+def hcp_register_optimizers(registry: FamilyRegistry) -> None:
+    """Register optimizers: what updates the trained tensors from their gradients.
+
+    Factory: ``factory(config, *, params: list[dict]) -> Optimizer``, a ``torch.optim.Optimizer``
+    over ``params`` (parameter groups, each with its own ``lr`` and a ``name``), whose
+    ``state_dict()`` holds everything a resumed run needs. A schedule-free optimizer (one that
+    trains on other weights than it exports) has ``train()``/``eval()`` methods and a config
+    class with ``schedule_free = True``: hcp calls ``eval()`` around exports and samples and
+    refuses a varying lr schedule with it. A config class may name the packages it needs as
+    ``requires = (("module", "pip name"), ...)``: a missing one is a clear error before the model
+    loads (trackers and schedulers may do the same). Used as ``train.optimizer = { type = "<name>", ... }``
+    or ``train.optimizer = "<name>"``.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def hcp_register_schedulers(registry: FamilyRegistry) -> None:
+    """Register learning-rate schedulers: how each group's lr changes over the run.
+
+    Factory: ``factory(config, *, optimizer, total_steps: int) -> LRScheduler``, a
+    ``torch.optim.lr_scheduler.LRScheduler`` stepped once per optimizer step, scaling every
+    group's own lr; its ``state_dict()`` goes into checkpoints. A config class may define a
+    ``constant`` property (true when the lr never changes), which schedule-free optimizers need.
+    Used as ``train.scheduler = { type = "<name>", ... }`` or ``train.scheduler = "<name>"``.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def hcp_register_trackers(registry: FamilyRegistry) -> None:
+    """Register trackers: where the main process logs scalars and sample images.
+
+    Factory: ``factory(config, *, context: TrackerContext) -> Tracker`` with
+    ``add_scalar(tag, value, step)``, ``add_image(tag, image, step)`` (an ``HxWx3`` uint8 array),
+    ``flush()`` and ``close()`` (see :class:`~hcp_core.interfaces.Tracker`); ``requires`` as for
+    optimizers. Only the main process tracks. Used in ``train.trackers = ["<name>", { type = "<name>", ... }]``.
+
+    .. versionadded:: 0.3
+    """

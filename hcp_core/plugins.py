@@ -23,7 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginConflictError, did_you_mean
-from .registry import FAMILIES, FamilyRegistry, Registry
+from .registry import FAMILIES, Component, FamilyRegistry, Registry
 
 #: Comma-separated ``PLUGIN`` or ``PLUGIN:COMPONENT`` entries that are not loaded.
 BLOCK_ENV = "HCP_BLOCK_PLUGINS"
@@ -253,7 +253,7 @@ def using_registry(registry: Registry) -> Iterator[Registry]:
         _REGISTRY = previous
 
 
-def plugin_listing(registry: Registry) -> List[str]:
+def plugin_listing(registry: Registry, option_lines: Optional[Callable[[Component], List[str]]] = None) -> List[str]:
     """The lines ``hcp plugins`` prints (a stable format, meant to be read by tools too)::
 
         NAME (DISTRIBUTION VERSION) [MODULE]         one per loaded plugin, sorted by name
@@ -264,6 +264,8 @@ def plugin_listing(registry: Registry) -> List[str]:
         PLUGIN:COMPONENT: blocked by HCP_BLOCK_PLUGINS, but no plugin registers it
 
     A plugin passed in ``extra_plugins`` shows ``(not installed)`` for its distribution.
+    ``option_lines`` (``hcp plugins -v`` passes :func:`hcp_core.config.component_options.component_lines`)
+    adds under each family line every component's config keys with their types and defaults.
     """
     lines: List[str] = []
     blocked_names = set()
@@ -274,6 +276,9 @@ def plugin_listing(registry: Registry) -> List[str]:
             comps = [c.name for c in fam if c.plugin == name]
             if comps:
                 lines.append(f"  {family}: {', '.join(comps)}")
+            if comps and option_lines is not None:
+                for comp in (c for c in fam if c.plugin == name):
+                    lines += option_lines(comp)
             blocked = [c.name for c in fam.blocked() if c.plugin == name]
             blocked_names.update((name, c) for c in blocked)
             if blocked:

@@ -9,13 +9,14 @@ so that asking for one says which plugin provides it and that it is blocked.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional
 
 import attrs
 
 from .errors import PluginConflictError, UnknownComponentError, did_you_mean
 
-FAMILIES = ("data_sources", "buckets", "text_transforms", "adapters", "losses", "models")
+FAMILIES = ("data_sources", "buckets", "text_transforms", "adapters", "losses", "models", "optimizers", "schedulers",
+            "trackers")
 #: Singular words for messages ("unknown bucket 'x'").
 FAMILY_NOUNS = {
     "data_sources": "data source",
@@ -24,6 +25,9 @@ FAMILY_NOUNS = {
     "adapters": "adapter",
     "losses": "loss",
     "models": "model family",
+    "optimizers": "optimizer",
+    "schedulers": "lr scheduler",
+    "trackers": "tracker",
 }
 
 
@@ -221,7 +225,7 @@ def describe_blocked(comp: Component) -> str:
 
 
 class Registry:
-    """All six families; built once at start-up by :func:`hcp_core.plugins.get_registry`."""
+    """Every family; built once at start-up by :func:`hcp_core.plugins.get_registry`."""
 
     def __init__(self) -> None:
         self.families: Dict[str, FamilyRegistry] = {f: FamilyRegistry(f) for f in FAMILIES}
@@ -257,6 +261,18 @@ class Registry:
     @property
     def models(self) -> FamilyRegistry:
         return self.families["models"]
+
+    @property
+    def optimizers(self) -> FamilyRegistry:
+        return self.families["optimizers"]
+
+    @property
+    def schedulers(self) -> FamilyRegistry:
+        return self.families["schedulers"]
+
+    @property
+    def trackers(self) -> FamilyRegistry:
+        return self.families["trackers"]
 
     def family_for(self, pipeline_class: str) -> Optional[Component]:
         """The model family that reads folders of ``pipeline_class`` (or ``"single_file"``), or None."""
@@ -300,6 +316,10 @@ class ComponentSpec:
 
     component: Component
     config: Any
+    #: The component a table without ``type`` means (``[train.optimizer]`` with options only).
+    default_type: ClassVar[Optional[str]] = None
+    #: Whether a bare name stands for ``{ type = "name" }`` (``train.optimizer = "prodigy"``).
+    by_name: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -335,3 +355,23 @@ class LossSpec(ComponentSpec):
 @attrs.frozen
 class ModelFamilySpec(ComponentSpec):
     family = "models"
+
+
+@attrs.frozen
+class OptimizerSpec(ComponentSpec):
+    family = "optimizers"
+    default_type = "adamw"
+    by_name = True
+
+
+@attrs.frozen
+class SchedulerSpec(ComponentSpec):
+    family = "schedulers"
+    default_type = "constant"
+    by_name = True
+
+
+@attrs.frozen
+class TrackerSpec(ComponentSpec):
+    family = "trackers"
+    by_name = True

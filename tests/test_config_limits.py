@@ -80,7 +80,7 @@ BAD = [
     ("train.optimizer.weight_decay=-0.01", "train.optimizer.weight_decay: must be at least 0, got -0.01"),
     ("train.optimizer.eps=0", "train.optimizer.eps: must be in (0, 1], got 0.0"),
     ("train.optimizer.eps=inf", "train.optimizer.eps: must be a finite number (in (0, 1]), got inf"),
-    ("train.optimizer.momentum=1", "train.optimizer.momentum: must be in [0, 1), got 1.0"),
+    ("train.optimizer={ type = 'sgd', momentum = 1 }", "train.optimizer.momentum: must be in [0, 1), got 1.0"),
     ("train.scheduler.min_lr_ratio=nan", "train.scheduler.min_lr_ratio: must be a finite number (between 0 and 1), got nan"),
     ("train.scheduler.min_lr_ratio=1.5", "train.scheduler.min_lr_ratio: must be between 0 and 1, got 1.5"),
     ("train.scheduler.warmup_steps=-1", "train.scheduler.warmup_steps: must be at least 0, got -1"),

@@ -173,7 +173,7 @@ def test_component_table_without_a_usable_type(raw, registry, bucket: str, messa
         ("model.gradient_checkpointing=1", "model.gradient_checkpointing: expected true or false, got 1 (int)"),
         ("data.ds1.loss_weight=true", "data.ds1.loss_weight: expected a number, got True (bool)"),
         ("data.ds1.sources.0.listing=3", "data.ds1.sources[0].listing: expected a string, got 3 (int)"),
-        ("train.optimizer='adam'", "train.optimizer: expected a table, got 'adam' (str)"),
+        ("train.optimizer=3", "train.optimizer: expected a table with a 'type' key, got 3 (int)"),
         ("model=[1]", "model: expected a table, got [1] (list)"),
     ],
 )

@@ -65,6 +65,21 @@ def _use_model_family(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], An
     return lambda p: p.model.family
 
 
+def _use_optimizer(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], Any]:
+    raw["train"] = {"optimizer": {"type": name, "value": 3}}
+    return lambda p: p.train.optimizer
+
+
+def _use_scheduler(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], Any]:
+    raw["train"] = {"scheduler": {"type": name, "value": 3}}
+    return lambda p: p.train.scheduler
+
+
+def _use_tracker(raw: Dict[str, Any], name: str) -> Callable[[Pipeline], Any]:
+    raw["train"] = {"trackers": [{"type": name, "value": 3}]}
+    return lambda p: p.train.trackers[0]
+
+
 #: Where a pipeline uses a component of each family; returns how to find it in the result.
 USES = {
     "hcp_register_data_sources": _use_source,
@@ -73,6 +88,9 @@ USES = {
     "hcp_register_adapters": _use_adapter,
     "hcp_register_losses": _use_loss,
     "hcp_register_models": _use_model_family,
+    "hcp_register_optimizers": _use_optimizer,
+    "hcp_register_schedulers": _use_scheduler,
+    "hcp_register_trackers": _use_tracker,
 }
 
 #: What the temporary plugin passes to ``registry.add`` besides name, config and factory.

@@ -7,11 +7,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from hcp_core.config.schema import OptimizerConfig, SchedulerConfig
 from hcp_core.errors import ConfigError
 from hcp_core.train.diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
 from hcp_core.train.ema import Ema
-from hcp_core.train.optim import build_optimizer, build_scheduler
+from hcp_core.train.optim import build_optimizer, build_scheduler, optimizer_spec, scheduler_spec
 
 
 def _scheduler(pred: str = "epsilon") -> DDPMScheduler:
@@ -83,8 +82,8 @@ def test_masked_mse_weights_each_element() -> None:
 def test_schedulers_warm_up_then_follow_their_shape() -> None:
     p = torch.nn.Parameter(torch.zeros(1))
 
-    def lrs(cfg: SchedulerConfig, total: int = 10) -> list[float]:
-        opt = build_optimizer([{"params": [p], "lr": 1.0}], OptimizerConfig(type="sgd"))
+    def lrs(cfg, total: int = 10) -> list[float]:
+        opt = build_optimizer([{"params": [p], "lr": 1.0}], optimizer_spec("sgd"))
         sched = build_scheduler(opt, cfg, total)
         out = []
         for _ in range(total):
@@ -93,38 +92,38 @@ def test_schedulers_warm_up_then_follow_their_shape() -> None:
             sched.step()
         return out
 
-    assert lrs(SchedulerConfig(type="constant", warmup_steps=4))[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    cos = lrs(SchedulerConfig(type="cosine", warmup_steps=2))
+    assert lrs(scheduler_spec("constant", warmup_steps=4))[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = lrs(scheduler_spec("cosine", warmup_steps=2))
     assert cos[:2] == [0.5, 1.0]
     for step in range(2, 10):
         progress = (step - 2) / 8
         assert cos[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)))
-    lin = lrs(SchedulerConfig(type="linear"))
+    lin = lrs(scheduler_spec("linear"))
     assert lin == pytest.approx([1 - s / 10 for s in range(10)])
-    cycle = lrs(SchedulerConfig(type="one_cycle", warmup_steps=3))
+    cycle = lrs(scheduler_spec("one_cycle", warmup_steps=3))
     assert max(cycle) == pytest.approx(1.0) and cycle.index(max(cycle)) in (2, 3) and cycle[-1] < 0.01
 
 
 def test_each_parameter_group_keeps_its_own_learning_rate() -> None:
     a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
-    opt = build_optimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], OptimizerConfig(type="sgd", weight_decay=0.0))
+    opt = build_optimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.01}], optimizer_spec("sgd", weight_decay=0.0))
     (a + b).sum().backward()
     opt.step()
     assert a.item() == pytest.approx(0.9) and b.item() == pytest.approx(0.99)
 
 
 @pytest.mark.parametrize("section, name, message", [
-    ("optimizer", "adamm", "train.optimizer.type: unknown optimizer 'adamm'. Did you mean 'adamw'?"),
-    ("scheduler", "cosin", "train.scheduler.type: unknown scheduler 'cosin'. Did you mean 'cosine'?"),
+    ("optimizer", "adamm", "invalid config:\n  train.optimizer: unknown optimizer 'adamm'. Did you mean 'adamw'?"),
+    ("scheduler", "cosin", "invalid config:\n  train.scheduler: unknown lr scheduler 'cosin'. Did you mean 'cosine'?"),
 ])
 def test_unknown_optimizer_or_scheduler_names(section, name, message) -> None:
     p = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(ConfigError) as err:
         if section == "optimizer":
-            build_optimizer([{"params": [p], "lr": 1.0}], OptimizerConfig(type=name))
+            build_optimizer([{"params": [p], "lr": 1.0}], optimizer_spec(name))
         else:
-            opt = build_optimizer([{"params": [p], "lr": 1.0}], OptimizerConfig())
-            build_scheduler(opt, SchedulerConfig(type=name), 10)
+            opt = build_optimizer([{"params": [p], "lr": 1.0}], optimizer_spec())
+            build_scheduler(opt, scheduler_spec(name), 10)
     assert str(err.value).startswith(message)
 
 
@@ -147,18 +146,18 @@ def test_ema_follows_the_formula_and_swaps_in_for_export() -> None:
 
 
 def test_adamw_is_fused_where_it_can_be_and_steps_like_plain_adamw() -> None:
-    from hcp_core.train.optim import can_fuse
+    from hcp_plugins.optimizers.factories import can_fuse
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
     grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
-    cfg = OptimizerConfig(weight_decay=0.01)
+    cfg = optimizer_spec(weight_decay=0.01)
     fused = [torch.nn.Parameter(t.clone()) for t in start]
     opt = build_optimizer([{"params": fused[:1], "lr": 0.1}, {"params": fused[1:], "lr": 0.01}], cfg)
     assert opt.defaults["fused"] is True
     plain = [torch.nn.Parameter(t.clone()) for t in start]  # independent: torch's per-tensor loop
     ref = torch.optim.AdamW([{"params": plain[:1], "lr": 0.1}, {"params": plain[1:], "lr": 0.01}],
-                            betas=cfg.betas, eps=cfg.eps, weight_decay=0.01, foreach=False)  # fmt: skip
+                            betas=cfg.config.betas, eps=cfg.config.eps, weight_decay=0.01, foreach=False)  # fmt: skip
     for step_grads in grads:
         for params, optimizer in ((fused, opt), (plain, ref)):
             for p, g in zip(params, step_grads):

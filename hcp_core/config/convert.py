@@ -108,6 +108,10 @@ def make_converter(registry: Registry) -> cattrs.Converter:
         family = registry.families[spec_cls.family]
 
         def structure(value: Any, _t: Any) -> ComponentSpec:
+            if isinstance(value, str) and spec_cls.by_name:  # optimizer = "prodigy"
+                value = {TYPE_KEY: value}
+            if isinstance(value, Mapping) and TYPE_KEY not in value and spec_cls.default_type:
+                value = {TYPE_KEY: spec_cls.default_type, **value}
             if not isinstance(value, Mapping):
                 raise _ValueProblem(f"expected a table with a '{TYPE_KEY}' key, got {_describe(value)}")
             if TYPE_KEY not in value:

@@ -15,7 +15,7 @@ from .loader import load_raw
 from .schema import Pipeline
 
 #: Pipeline fields that come from TOML; the rest are filled by hcp.
-_TOML_FIELDS = ("model", "data", "seed", "exp_dir", "train", "sample")
+_TOML_FIELDS = ("model", "data", "seed", "exp_dir", "train", "sample", "output_name", "validation")
 #: The loss a pipeline without ``train.loss`` uses, looked up in the registry like any other
 #: (so a plugin may replace it, and blocking it is reported as for any component).
 DEFAULT_LOSS = "mse"
@@ -35,8 +35,8 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
     if isinstance(core.get("model"), Mapping):
         core["model"] = _with_family(core["model"], registry, base_dir, errors)
     train = core.get("train", {})
-    if isinstance(train, Mapping) and "loss" not in train:
-        core["train"] = {**train, "loss": {"type": DEFAULT_LOSS}}
+    if isinstance(train, Mapping):  # an empty table is the component's default_type (OptimizerSpec...)
+        core["train"] = {"loss": {"type": DEFAULT_LOSS}, "optimizer": {}, "scheduler": {}, **train}
     for key in raw:
         if key not in _TOML_FIELDS and key not in sections and key not in option_tables:
             blocked = registry.blocked_adapter_section(key)

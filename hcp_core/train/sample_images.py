@@ -1,7 +1,7 @@
 """Samples during training: the ``[sample]`` prompts rendered with the model as it is being trained.
 
 Images go to ``<exp_dir>/samples/step-<N>/<k>.png`` (prompt ``k``, seed ``seed + k``) with a
-``grid.png`` of them all, and to TensorBoard as ``samples/<k>``. Rendering is
+``grid.png`` of them all, and to every tracker (``train.trackers``) as ``samples/<k>``. Rendering is
 :func:`hcp_core.generation.render.render_image`, the same call ``hcp generate`` makes, on the
 training modules themselves: LoRA branches, custom words and clip skip apply as in training.
 SD 1.x/2.x and SDXL models both sample (SDXL through ``StableDiffusionXLPipeline``).
@@ -9,7 +9,8 @@ SD 1.x/2.x and SDXL models both sample (SDXL through ``StableDiffusionXLPipeline
 Sampling leaves training exactly as it was: every global RNG state is saved and restored around
 it (the noise comes from its own seeded generators anyway), modules return to their train/eval
 modes, and custom-word usage counts ignore the sample prompts. A run with sampling ends with the
-same weights as one without.
+same weights as one without. A schedule-free optimizer's averaged weights render (see
+:func:`hcp_core.train.optim.evaluation_weights`), as they are what the run exports.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..generation.render import make_grid, render_image
 from ..interfaces import ModelBundle
 from ..models.modes import modules_in_eval
 from . import checkpoint as ckpt
+from .optim import evaluation_weights
 
 log = logging.getLogger("hcp")
 
@@ -88,13 +90,17 @@ class SampleRenderer:
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         writer: Optional[Any] = None,
         render: Optional[Callable[..., Any]] = None,
+        optimizer: Optional[Any] = None,
     ) -> None:
         self.config = config
         self.models = models
         self.encoder = prompt_encoder
         self.exp_dir = Path(exp_dir)
         self.autocast = autocast
+        #: The run's trackers (hcp_core.train.trackers.Trackers): add_image, flush.
         self.writer = writer
+        #: The run's optimizer: a schedule-free one swaps its averaged weights in while rendering.
+        self.optimizer = optimizer
         #: The model family's renderer; None renders SD/SDXL with render_image.
         self.render = render
         width, height = config.resolution(default_size)
@@ -118,7 +124,7 @@ class SampleRenderer:
         folder = step_folder(self.exp_dir, step)
         images = []
         try:
-            with isolated_from_training(rendered_modules(self.models), self.encoder):
+            with isolated_from_training(rendered_modules(self.models), self.encoder), evaluation_weights(self.optimizer):
                 for params in self.params:
                     images.append((self.render or render_image)(self.models, self.encoder, params, autocast=self.autocast))
         except torch.OutOfMemoryError:
@@ -132,7 +138,7 @@ class SampleRenderer:
             text = format_parameters(params, extra={"Training step": step, "Experiment": str(self.exp_dir)})
             paths.append(write_png(image, folder / f"{k:02d}.png", text))
             if self.writer is not None:
-                self.writer.add_image(f"samples/{k}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+                self.writer.add_image(f"samples/{k}", np.asarray(image.convert("RGB")), step)
         grid = make_grid(images)
         grid.save(folder / GRID_NAME)
         paths.append(folder / GRID_NAME)

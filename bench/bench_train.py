@@ -5,6 +5,7 @@
     python bench/bench_train.py --steps 18 --threads 1 --profile
     python bench/bench_train.py --variants hcp  # only minimal vs hcp (no latent cache)
     python bench/bench_train.py --variants minimal-b,hcp   # with an A/A control: minimal twice
+    python bench/bench_train.py --variants hcp,hcp-fp32,hcp-bf16   # defaults (auto) vs fp32 vs bf16
 
 Both sides train the same model on the same data: an SD 1.5-architecture diffusers folder with
 random weights (see ``_sd15_arch.py``: diffusers' default UNet with ``cross_attention_dim=768``,
@@ -20,6 +21,9 @@ AdamW (lr 1e-4, weight decay 0.01), fp32 on the CPU.
   ``train.max_grad_norm = 0`` because the minimal loop does not clip.
 * ``hcp-cached``: the same with ``cache_latents = true``: the VAE encodes each image once in
   ``setup()`` (not timed) and the steps read the cached latent distribution, skipping the VAE.
+* ``hcp-fp32`` / ``hcp-bf16``: ``hcp`` with ``mixed_precision = "no"`` / ``"bf16"`` (``hcp`` itself
+  runs the default ``"auto"``, fp32 on a CPU): bf16 autocast against fp32 on this machine's CPU,
+  which is much faster on some processors and much slower on others (docs/training.md).
 
 Timing runs in lock step, so that a busy machine (other jobs on the cores) slows every variant
 alike: each variant lives in its own process (so its peak memory is its own), and the parent
@@ -71,7 +75,11 @@ ATTN_PATTERN = re.compile(r".*\.attn[12]$")
 ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 #: "minimal-b" is a second, identical minimal loop: its ratio to "minimal" is the noise floor
 #: (two processes doing the same work differ by that much on this machine).
-VARIANTS = ("minimal", "hcp", "hcp-cached", "minimal-b")
+VARIANTS = ("minimal", "hcp", "hcp-cached", "minimal-b", "hcp-fp32", "hcp-bf16")
+#: ``model.mixed_precision`` of each hcp variant: "hcp" runs the defaults ("auto": fp32 on a CPU).
+PRECISION = {"hcp-fp32": "no", "hcp-bf16": "bf16"}
+#: Ratio lines printed when both variants ran: (numerator, denominator).
+PAIRS = (("hcp-bf16", "hcp-fp32"), ("hcp-bf16", "hcp"), ("hcp", "hcp-fp32"))
 #: Where a step's wall time goes; each worker marks the end of each part. "noise + text" also
 #: holds drawing the noise and timestep, "backward" the loss, "optimizer + rest" hcp's logging.
 PARTS = ("image + VAE", "noise + text", "UNet forward", "backward", "optimizer + rest")
@@ -267,14 +275,17 @@ def minimal_worker(args: argparse.Namespace, clock: StepClock) -> None:
     clock.finish()
 
 
-def pipeline_toml(model: str, data: str, exp_dir: str, *, steps: int, cached: bool, seed: int) -> str:
-    """The hcp pipeline equivalent to the minimal loop (paths written as JSON strings, valid TOML)."""
+def pipeline_toml(model: str, data: str, exp_dir: str, *, steps: int, cached: bool, seed: int,
+                  precision: str = "auto") -> str:
+    """The hcp pipeline equivalent to the minimal loop (paths written as JSON strings, valid TOML);
+    ``precision`` is ``model.mixed_precision``."""
     return f"""
 seed = {seed}
 exp_dir = {json.dumps(exp_dir)}
 
 [model]
 pretrained = {json.dumps(model)}
+mixed_precision = "{precision}"
 
 [train]
 max_steps = {steps}
@@ -349,7 +360,8 @@ def hcp_worker(args: argparse.Namespace, clock: StepClock) -> None:
     exp_dir = Path(args.work) / f"exp-{args.worker}"
     toml = Path(args.work) / f"{args.worker}.toml"
     toml.write_text(pipeline_toml(args.model, args.data, str(exp_dir), steps=args.total_steps,
-                                  cached=args.worker == "hcp-cached", seed=args.seed))
+                                  cached=args.worker == "hcp-cached", seed=args.seed,
+                                  precision=PRECISION.get(args.worker, "auto")))
     run = time_hcp_parts(build_run(hcp_core.load_config(toml), overwrite=True), clock)
     clock.begin(trainable=sum(p.numel() for p in run.trained_params))
     try:
@@ -485,6 +497,12 @@ def summarise(workers: List[Worker], warmup: int) -> List[str]:
             ratio = statistics.median(a) / statistics.median(b)
             paired = statistics.median(x / y for x, y in zip(a, b))
             lines.append(f"{w.variant}/minimal {label}: {ratio:.3f}x (median of per-round ratios {paired:.3f}x)")
+    by_name = {w.variant: w for w in workers}
+    for top, bottom in PAIRS:  # e.g. bf16 autocast against fp32 on this CPU, measured in the same rounds
+        if top in by_name and bottom in by_name:
+            a, b = by_name[top].steps[warmup:], by_name[bottom].steps[warmup:]
+            lines.append(f"{top}/{bottom} step time: {statistics.median(a) / statistics.median(b):.3f}x "
+                         f"(median of per-round ratios {statistics.median(x / y for x, y in zip(a, b)):.3f}x)")
     return lines
 
 
@@ -506,7 +524,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4, help="distinct images (they repeat across epochs)")
     parser.add_argument("--model", default=None, help="the model folder (built if missing; default /tmp/hcp_bench_sd15)")
     parser.add_argument("--variants", default="hcp,hcp-cached",
-                        help="what runs next to minimal: hcp, hcp-cached, minimal-b (an identical minimal loop: the noise floor)")
+                        help="what runs next to minimal: hcp, hcp-cached, minimal-b (an identical minimal loop: the noise floor), "
+                             "hcp-fp32, hcp-bf16 (hcp with mixed_precision \"no\" / \"bf16\")")
     parser.add_argument("--profile", action="store_true", help="cProfile every worker's steps and print the top functions")
     parser.add_argument("--seed", type=int, default=0)
     # Worker-only options (the parent passes them).

@@ -226,7 +226,9 @@ class Adapter(Protocol):
     Optional members: ``attach_order`` (int, default 0; lower attaches first — fine-tuning,
     which selects layers by their original names, uses -10 so it runs before LoRA wraps them)
     and ``wrap_prompt_encoder(encoder) -> encoder`` (called once after attach; prompt tuning
-    returns an encoder that expands custom words into their token vectors).
+    returns an encoder that expands custom words into their token vectors). A returned encoder
+    may carry ``guidance``, a :class:`~hcp_core.train.diffusion.TrainingGuidance` (DreamArtist):
+    a family that supports it then trains on the guided prediction of prompts and negative prompts.
     """
 
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
@@ -273,8 +275,14 @@ class ModelFamily(Protocol):
     ``text_cache = True`` (prompt outputs have a fixed shape per prompt, so ``model.cache_text``
     may encode them once) and ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
     group on ``part`` uses when it names no ``layers``; an empty list when the family has none
-    for that part), ``custom_words = True`` (``hcp generate --embeddings`` works on its models) and
-    ``writes_single_file = True`` (``merge-lora --single-file`` can write its models as one file).
+    for that part), ``custom_words = True`` (``hcp generate --embeddings`` works on its models),
+    ``writes_single_file = True`` (``merge-lora --single-file`` can write its models as one file),
+    ``check_options(pipeline)`` (raise a :class:`~hcp_core.errors.UserError` for pipeline options
+    the family cannot honour; called when a run is set up and by ``hcp check``, before any weight
+    is read), ``sampling_pipeline(models, sampler)`` (a diffusers pipeline taking batches of
+    plain prompts, for ``hcp tools gen-from-prompts``) and ``vae_safe_in_bf16(models) -> bool``
+    (``model.vae_dtype = "auto"`` may hold the VAE in bf16 under bf16 mixed precision; without it
+    the VAE stays fp32).
     """
 
     parts: Tuple[str, ...]
@@ -308,4 +316,31 @@ class ModelFamily(Protocol):
 
     def render(self, models: ModelBundle, encoder: Any, params: Any, *, autocast: Any) -> Any:
         """One PIL image for :class:`~hcp_core.generation.params.GenerationParams` (``[sample]``)."""
+        ...
+
+
+# --------------------------------------------------------------------------- trackers
+@attrs.frozen
+class TrackerContext:
+    """What a tracker factory gets besides its config (hook ``hcp_register_trackers``)."""
+
+    exp_dir: str  # the run folder (a tracker writing files puts them inside it)
+    run_name: str  # the run folder's name: a default project / run name
+    config: Mapping[str, Any]  # the resolved pipeline as plain data (what `hcp config` prints)
+
+
+class Tracker(Protocol):
+    """What a tracker factory returns; only the main process has one."""
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        ...
+
+    def add_image(self, tag: str, image: Any, step: int) -> None:
+        """``image``: an ``HxWx3`` uint8 numpy array."""
+        ...
+
+    def flush(self) -> None:
+        ...
+
+    def close(self) -> None:
         ...

@@ -317,3 +317,17 @@ def test_resume_after_the_data_changed_says_what_changed(tmp_path, demo_model_di
     log = (exp / "train.log").read_text()
     assert "data.ds: the data changed since the checkpoint (12 samples per epoch then, 11 now" in log
     assert "images, captions, masks or repeats differ" in log
+
+
+def test_a_checkpoint_older_than_a_key_resumes_when_the_key_is_at_its_default() -> None:
+    from hcp_core.train.resume import classify, field_default
+
+    assert field_default("data.any.flip") == 0.0 and field_default("model.compile") is False
+    old = {"model": {"pretrained": "m", "vae_fp32": True}, "data": {"ds": {"batch_size": 1}}}
+    same = {"model": {"pretrained": "m", "compile": False, "fp8_base": False, "vae_dtype": "auto"},
+            "data": {"ds": {"batch_size": 1, "flip": 0.0}}}
+    applied, refused = classify(old, same, [])
+    assert refused == [] and applied == ["model.vae_fp32: True -> (unset)"]
+    changed = {"model": {"pretrained": "m", "fp8_base": True}, "data": {"ds": {"batch_size": 1, "flip": 0.5}}}
+    _, refused = classify(old, changed, [])
+    assert refused == ["data.ds.flip: (unset) -> 0.5", "model.fp8_base: (unset) -> True"]

@@ -6,8 +6,10 @@ bucket always gives the same pixels, so its latent distribution can be stored.
 Layout: ``<cache_dir>/<vae fingerprint>/<key[:2]>/<key>.safetensors`` holding the encoder's
 ``mean`` and ``std``. The fingerprint hashes the VAE's config and encoder weights (and dtype);
 the key hashes the image file (path, size in bytes, modification time), the bucket size, the
-resize and crop box, and the background colour transparent images are composited on. Change
-any of them and the old entry is simply never looked up again: stale latents cannot be reused.
+resize and crop box, the background colour transparent images are composited on, and whether the
+crop is mirrored. Change any of them and the old entry is simply never looked up again: stale
+latents cannot be reused. A dataset with ``flip`` > 0 caches both the plain and the mirrored crop
+of every image (the VAE is not mirror-symmetric, so mirrored latents are encoded, not flipped).
 
 Each sample still draws fresh latents ``mean + std * noise`` (noise seeded per sample and epoch),
 scaled like diffusers' training scripts: ``(z - shift_factor) * scaling_factor``.
@@ -46,8 +48,8 @@ def vae_fingerprint(vae: Any) -> str:
     return h.hexdigest()[:24]
 
 
-def entry_key(image: str, bucket: Size, plan: CropPlan, background: RGB) -> str:
-    """The cache key of one image's latents in one bucket under one crop."""
+def entry_key(image: str, bucket: Size, plan: CropPlan, background: RGB, *, flipped: bool = False) -> str:
+    """The cache key of one image's latents in one bucket under one crop, mirrored or not."""
     try:
         stat = os.stat(image)
         file_id = [os.path.abspath(image), stat.st_size, stat.st_mtime_ns]
@@ -61,6 +63,8 @@ def entry_key(image: str, bucket: Size, plan: CropPlan, background: RGB) -> str:
         "box": list(plan.box),
         "background": list(background),
     }
+    if flipped:  # only then: unmirrored entries keep the keys earlier versions wrote
+        parts["flip"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -121,27 +125,34 @@ class LatentCache:
         """
         if not dataset.bucket.deterministic:
             raise ValueError(f"data.{dataset.name}: latents can only be cached with deterministic crops (crop = 'center')")
+        # The fingerprint hashes the weights' dtype, so a model.vae_dtype change starts a new folder;
+        # encoding in another dtype than the weights' (an explicit ``dtype``) gets its own folder too.
         fingerprint = vae_fingerprint(vae)
+        weights_dtype = next(vae.parameters()).dtype
+        dtype = dtype or weights_dtype
+        if dtype != weights_dtype:
+            fingerprint += "-" + str(dtype).replace("torch.", "")
         folder = os.path.join(self.root, fingerprint)
-        dtype = dtype or next(vae.parameters()).dtype
         todo: Dict[Size, List[tuple]] = {}
         reused = 0
+        mirrors = (False, True) if getattr(dataset, "flip", 0) > 0 else (False,)
         for record_index in range(rank, len(dataset.records), world_size):
             bucket, plan = dataset.plan(record_index, None)
-            key = dataset.latent_key(record_index, plan)
-            if os.path.exists(_entry_path(folder, key)):
-                reused += 1
-            else:
-                todo.setdefault(bucket, []).append((record_index, plan, key))
+            for flipped in mirrors:
+                key = dataset.latent_key(record_index, plan, flipped)
+                if os.path.exists(_entry_path(folder, key)):
+                    reused += 1
+                else:
+                    todo.setdefault(bucket, []).append((record_index, plan, flipped, key))
         total = sum(len(v) for v in todo.values())
         done = failed = 0
         for items in todo.values():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
                 pixels, keys = [], []
-                for record_index, plan, key in chunk:
+                for record_index, plan, flipped, key in chunk:
                     try:
-                        pixels.append(dataset.load_pixels(record_index, plan))
+                        pixels.append(dataset.load_pixels(record_index, plan, flipped))
                         keys.append(key)
                     except (BadImage, OSError) as exc:
                         failed += 1

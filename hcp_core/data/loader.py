@@ -26,19 +26,24 @@ import json
 import logging
 import os
 import zlib
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
 from ..config.schema import DatasetConfig
 from .dataset import BucketDataset, Collate
+from .holdout import split_selector
 from .images import parse_colour
 from .latent_cache import LatentCache
 from .prepare import DEFAULT_LATENT_FACTOR, PreparedDataset, prepare_dataset
 from .report import bucket_table, problem_summary
 from .sampler import BucketBatchSampler
+from .size_checks import size_warnings
 
 log = logging.getLogger("hcp.data")
+
+#: Batches each DataLoader worker prepares ahead (torch's default is 2).
+PREFETCH_BATCHES = 4
 
 
 class DataStream:
@@ -78,7 +83,10 @@ class DataStream:
             batch_sampler=self.sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            # Workers live across epochs (no restart, re-import and re-open at each epoch change) and
+            # each keeps PREFETCH_BATCHES batches ready, so a fast step does not wait for decoding.
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=PREFETCH_BATCHES if self.num_workers > 0 else None,
             pin_memory=self.pin_memory,
             # Without its own generator, every iter() would draw from the global torch RNG.
             generator=self._generator,
@@ -238,8 +246,10 @@ def build_train_data(
     size_multiple: Optional[int] = None,
     verify_images: bool = False,
     pin_memory: bool = False,
+    native_size: Optional[Tuple[int, int]] = None,
 ) -> TrainData:
-    """Scan, bucket and wrap every ``pipeline.data`` dataset; logs each bucket table and problems.
+    """Scan, bucket and wrap every ``pipeline.data`` dataset; logs each bucket table and problems,
+    and warns about buckets far above ``native_size`` or the images (:mod:`.size_checks`).
 
     ``pipeline`` is a :class:`~hcp_core.config.schema.Pipeline`. Unusable files are skipped and
     summarised in the log; a dataset with no usable image raises
@@ -259,8 +269,11 @@ def build_train_data(
             verify_images=verify_images,
             latent_factor=latent_factor,
             size_multiple=size_multiple,
+            select=split_selector(pipeline, name, held=False),  # held-out validation images never train
         )
         log.info("%s", bucket_table(prepared))
+        for warning in size_warnings(prepared, native_size):
+            log.warning("%s", warning)
         if prepared.problems:
             log.warning("%s", problem_summary(name, prepared.problems))
         dataset = BucketDataset(prepared, seed=pipeline.seed, latent_factor=latent_factor, background=parse_colour(config.background))

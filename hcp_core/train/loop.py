@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 import torch
@@ -21,7 +21,9 @@ from ..errors import UserError
 from ..interfaces import LossInputs
 from . import checkpoint as ckpt
 from .diffusion import sample_seed
+from .epochs import run_plan
 from .interrupts import StopSignals, stopped
+from .optim import evaluation_weights
 from .progress import Progress
 from .setup import Run
 
@@ -43,20 +45,25 @@ class RunResult:
 
 
 def train(run: Run, start: int = 0) -> RunResult:
-    """Train from step ``start`` to ``train.max_steps``; save, export and return what was written."""
+    """Train from step ``start`` to the plan's last step (``train.max_steps``, or ``train.epochs``
+    of the epoch dataset: :mod:`.epochs`); save, export and return what was written."""
     cfg = run.pipeline.train
+    plan = run_plan(run.pipeline, run.data)
+    total = plan.total_steps
     step, last_saved, last_loss = start, start, float("nan")
-    progress = Progress(cfg.max_steps, step, cfg.log_every, enabled=run.is_main)
+    progress = Progress(total, step, cfg.log_every, enabled=run.is_main, plan=plan)
     with StopSignals() as stop:
         try:
-            while step < cfg.max_steps:
+            while step < total:
                 last_loss = optimizer_step(run, step)
                 step += 1
                 check_weights_finite(run, step)
                 if run.ema is not None:
                     run.ema.update()
                 log_step(run, progress, step, last_loss)
-                if run.renderer is not None and run.renderer.due(step, cfg.max_steps):
+                if run.validation is not None and run.validation.due(step, total):
+                    run.validation.evaluate(run, step)
+                if run.renderer is not None and run.renderer.due(step, total):
                     run.renderer.sample(step)
                 signum = stop.agreed(lambda s: _reduce_max(run, s))
                 if signum:
@@ -64,7 +71,8 @@ def train(run: Run, start: int = 0) -> RunResult:
                         log.info("interrupted: saving a checkpoint at step %d before exiting", step)
                         save(run, step)
                     raise stopped(signum, step, str(ckpt.checkpoints_dir(run.exp_dir) / f"step-{step:08d}"))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                every_steps = bool(cfg.save_every) and step % cfg.save_every == 0
+                if (every_steps or plan.crosses_multiple(step, cfg.save_every_epochs)) and step < total:
                     save(run, step)
                     last_saved = step
         finally:
@@ -85,22 +93,32 @@ def train(run: Run, start: int = 0) -> RunResult:
 
 
 def optimizer_step(run: Run, step: int) -> float:
-    """One optimizer step (``gradient_accumulation`` micro-steps); returns its mean loss."""
+    """One optimizer step (``gradient_accumulation`` micro-steps); returns its mean loss.
+
+    ``run.stats`` receives each dataset's own mean loss (before ``loss_weight``) and the learning
+    rates this step used (the scheduler has moved on by the time the step is logged).
+    """
     cfg, acc = run.pipeline.train, run.accelerator
     step_loss = 0.0
+    parts: Dict[str, float] = {}
     for micro in range(cfg.gradient_accumulation):
+        if run.grad_sync is not None:  # buckets start reducing during the last micro-step's backward
+            run.grad_sync.micro_step(micro, cfg.gradient_accumulation)
         batches = run.data.next_batches()
         # Dropout draws from the global RNG (gradient checkpointing replays it); keying it on the
         # step means nothing else that touches it (previews, plugins) can make a resume differ.
         torch.manual_seed(sample_seed(run.pipeline.seed, step, micro, stream=2))
-        loss, value = guarded_loss(run, batches, step)
+        loss, value, per_dataset = guarded_loss(run, batches, step)
         step_loss += value / cfg.gradient_accumulation
+        for name, part in per_dataset.items():
+            parts[name] = parts.get(name, 0.0) + part / cfg.gradient_accumulation
         if loss.requires_grad:  # e.g. no prompt held a trained word this micro-step
             acc.backward(loss / cfg.gradient_accumulation)
     sync_grads(run)
     if cfg.max_grad_norm:
         acc.clip_grad_norm_(run.trained_params, cfg.max_grad_norm)
     run.optimizer.step()
+    run.stats.record(step + 1, step_loss, parts, [float(g["lr"]) for g in run.optimizer.param_groups])
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return step_loss
@@ -129,46 +147,67 @@ def latents_of(run: Run, batch: Dict[str, Any], sample_ids: List[int], step: int
         return (z * vae.config.scaling_factor).contiguous()
 
 
-def batch_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> torch.Tensor:
-    """Weighted sum over datasets of the per-dataset mean loss for one micro-step."""
-    total: Optional[torch.Tensor] = None
-    for ordinal, batch in enumerate(batches.values()):
+def per_sample_loss(run: Run, batch: Dict[str, Any], ids: List[int], step: int, *, train_text: bool) -> torch.Tensor:
+    """The training objective of each sample of one batch ([B]): latents, the family's
+    prediction, the loss plugin and the family's weights (min-SNR, flow weighting)."""
+    latents = latents_of(run, batch, ids, step)
+    out = run.family.training_prediction(
+        run.models, run.prompt_encoder, batch, latents, ids, seed=run.pipeline.seed, step=step,
+        train=run.pipeline.train, autocast=run.accelerator.autocast, train_text=train_text,
+    )
+    weight_map = batch.get("weight_map")
+    per_sample = run.loss_fn(out.pred.float(), out.target.float(), LossInputs(
+        timesteps=out.timesteps, weight_map=None if weight_map is None else weight_map.to(out.pred.device),
+        snr=out.snr))
+    return per_sample * out.weights if out.weights is not None else per_sample
+
+
+def dataset_losses(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> Dict[str, torch.Tensor]:
+    """Each dataset's mean loss for one micro-step (before its ``loss_weight``)."""
+    out: Dict[str, torch.Tensor] = {}
+    for ordinal, (name, batch) in enumerate(batches.items()):
         # Sample ids are stable across batch layouts and process counts (see diffusion.py).
         ids = [ordinal * 1_000_000_000 + int(i) for i in batch["indices"]]
-        latents = latents_of(run, batch, ids, step)
-        out = run.family.training_prediction(
-            run.models, run.prompt_encoder, batch, latents, ids, seed=run.pipeline.seed, step=step,
-            train=run.pipeline.train, autocast=run.accelerator.autocast, train_text=run.train_text,
-        )
-        weight_map = batch.get("weight_map")
-        per_sample = run.loss_fn(out.pred.float(), out.target.float(), LossInputs(
-            timesteps=out.timesteps, weight_map=None if weight_map is None else weight_map.to(out.pred.device),
-            snr=out.snr))
-        if out.weights is not None:
-            per_sample = per_sample * out.weights
-        term = per_sample.mean() * batch["loss_weight"]
+        out[name] = per_sample_loss(run, batch, ids, step, train_text=run.train_text).mean()
+    return out
+
+
+def weighted_sum(batches: Dict[str, Dict[str, Any]], losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's loss: the sum over datasets of ``loss_weight`` x their mean loss."""
+    total: Optional[torch.Tensor] = None
+    for name, batch in batches.items():  # added in dataset order, as always: the same float sums
+        term = losses[name] * batch["loss_weight"]
         total = term if total is None else total + term
     assert total is not None
     return total
 
 
-def guarded_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> tuple[torch.Tensor, float]:
-    """:func:`batch_loss` and its value (averaged over processes); out-of-memory and non-finite
-    losses become clear errors."""
+def batch_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One micro-step's loss (the ``loss_weight``-ed sum over datasets) and each dataset's mean loss."""
+    losses = dataset_losses(run, batches, step)
+    return weighted_sum(batches, losses), losses
+
+
+def guarded_loss(run: Run, batches: Dict[str, Dict[str, Any]],
+                 step: int) -> tuple[torch.Tensor, float, Dict[str, float]]:
+    """The micro-step's loss, its value and each dataset's (values averaged over processes);
+    out-of-memory and non-finite losses become clear errors."""
     try:
-        loss = batch_loss(run, batches, step)
+        loss, losses = batch_loss(run, batches, step)
     except torch.OutOfMemoryError:
         sizes = ", ".join(f"data.{name}: batch {len(b['indices'])} at {b['target_size_hw'][0][1]}x{b['target_size_hw'][0][0]}"
                           for name, b in batches.items())
         raise UserError(f"out of memory at step {step + 1} ({sizes}); lower batch_size or the resolution, "
                         "or enable model.gradient_checkpointing / mixed precision") from None
-    value = float(loss.detach())
+    # One reduction for the total and every dataset's part.
+    values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())])
     if run.accelerator.num_processes > 1:
-        value = float(run.accelerator.reduce(loss.detach().reshape(1), "mean").item())
+        values = run.accelerator.reduce(values, "mean")
+    value, *rest = (float(v) for v in values.tolist())
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "
                                "Lower the learning rate, check the data, or use mixed_precision = \"no\".")
-    return loss, value
+    return loss, value, dict(zip(losses, rest))
 
 
 def check_weights_finite(run: Run, step: int) -> None:
@@ -187,12 +226,17 @@ def _last_good(run: Run) -> str:
 
 
 def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
-    """Progress bar or log line, and TensorBoard scalars."""
-    progress.update(step, loss, run.optimizer.param_groups[0]["lr"])
+    """Progress bar and log line, and the tracker's scalars: ``loss``, ``loss/<dataset>`` and the
+    learning rates step ``step`` used (recorded by :func:`optimizer_step` in ``run.stats``)."""
+    stats = run.stats if run.stats.step == step else None  # None: a wrapper replaced optimizer_step
+    lrs = stats.lrs if stats is not None else [float(g["lr"]) for g in run.optimizer.param_groups]
+    progress.update(step, loss, lrs[0])
     if run.writer is not None:
         run.writer.add_scalar("loss", loss, step)
-        for g in run.optimizer.param_groups:
-            run.writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], step)
+        for name, value in (stats.datasets if stats is not None else {}).items():
+            run.writer.add_scalar(f"loss/{name}", value, step)
+        for g, lr in zip(run.optimizer.param_groups, lrs):
+            run.writer.add_scalar(f"lr/{g.get('name', 'group')}", lr, step)
 
 
 def save(run: Run, step: int) -> None:
@@ -206,7 +250,7 @@ def save(run: Run, step: int) -> None:
             "data": run.data.state_dict(),
             "ema": run.ema.state_dict() if run.ema else {},
         }
-        meta = {"max_steps": run.pipeline.train.max_steps, "config": pipeline_to_dict(run.pipeline)}
+        meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
         path = ckpt.save_checkpoint(run.exp_dir, step, trainable=run.trainable_state(), training_state=state,
                                     meta=meta, keep=run.pipeline.train.keep_checkpoints)
         export(run, step)
@@ -217,28 +261,16 @@ def save(run: Run, step: int) -> None:
 
 def export(run: Run, step: Optional[int]) -> List[str]:
     """Every adapter's user-facing files for ``step`` (None: the final ones, EMA weights if on)."""
-    with run.ema.swapped_in() if run.ema is not None and step is None else contextlib.nullcontext():
+    ema = run.ema.swapped_in() if run.ema is not None and step is None else contextlib.nullcontext()
+    with ema, evaluation_weights(run.optimizer):  # a schedule-free optimizer's averaged weights
         return [path for _, adapter in run.adapters for path in adapter.export(run.models, str(run.exp_dir), step)]
 
 
 def sync_grads(run: Run) -> None:
-    """Average the trained tensors' gradients over processes (what DDP would do)."""
-    if run.accelerator.num_processes == 1:
-        return
-    import torch.distributed as dist
-
-    params = run.trained_params
-    for prm in params:  # a tensor unused on this rank (a word absent from its prompts) still joins
-        if prm.grad is None:
-            prm.grad = torch.zeros_like(prm)
-    flat = torch.cat([prm.grad.reshape(-1).float() for prm in params])
-    dist.all_reduce(flat)
-    flat /= run.accelerator.num_processes
-    offset = 0
-    for prm in params:
-        n = prm.grad.numel()
-        prm.grad.copy_(flat[offset:offset + n].view_as(prm.grad))
-        offset += n
+    """Average the trained tensors' gradients over processes (what DDP would do): wait for the
+    bucketed reductions :mod:`.grad_sync` started during backward."""
+    if run.grad_sync is not None:
+        run.grad_sync.finish()
 
 
 def _reduce_max(run: Run, value: int) -> int:

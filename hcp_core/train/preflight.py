@@ -7,19 +7,22 @@ from typing import Any, List, Optional, TextIO, Tuple
 
 from ..data.report import check_data
 from ..errors import UserError
+from ..interfaces import Size
 
 
-def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional[int], Optional[int]]:
+def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional[int], Optional[int], Optional[Size]]:
     """What ``hcp check`` prints for the model: the errors ``hcp run`` would meet after loading it.
 
     The model is built from its configs on the ``meta`` device (no weight is read, so this takes
     seconds even for SDXL), then ``model.clip_skip`` is checked and every adapter is attached to
     it: a layer pattern that matches nothing, a LoRA ``init_from`` file or a custom-word file
     that does not fit are reported with the very message the run would give. Returns (ok, the
-    latent factor and the bucket size multiple, both None when the model could not be built).
+    latent factor, the bucket size multiple and the native (w, h) resolution, all None when the
+    model could not be built).
     """
     import torch
 
+    from ..data.size_checks import native_size
     from ..interfaces import AdapterContext
     from .setup import build_adapters, check_parts, model_family, size_multiple
 
@@ -30,14 +33,18 @@ def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional
         models = family.load_skeleton(model.pretrained, prediction_type=model.prediction_type, config=model.config)
     except UserError as exc:
         print(f"model: ERROR: {exc}", file=out)
-        return False, None, None
+        return False, None, None, None
     if models is None:
         print(f"model: note: {model.pretrained} is a single-file checkpoint without model.config; its layers are "
               "checked only when the run loads it", file=out)
-        return True, None, None
+        return True, None, None, None
     errors: List[str] = []
     try:
-        family.prompt_encoder(models, clip_skip=model.clip_skip)
+        encoder = family.prompt_encoder(models, clip_skip=model.clip_skip)
+        if model.prompt_emphasis:
+            from ..models.emphasis import enable_emphasis
+
+            enable_emphasis(encoder)
     except UserError as exc:
         errors.append(str(exc))
     context = AdapterContext(exp_dir=str(pipeline.exp_dir), base_dir=pipeline.base_dir, clip_skip=model.clip_skip,
@@ -61,7 +68,8 @@ def check_model(pipeline: Any, out: TextIO = sys.stdout) -> Tuple[bool, Optional
         print(f"model: ERROR: {message}", file=out)
     if not errors:
         print(f"model: OK: {model.pretrained} ({models.kind}); layer patterns and clip_skip fit it", file=out)
-    return not errors, family.latent_factor(models), size_multiple(family, models)
+    factor = family.latent_factor(models)
+    return not errors, factor, size_multiple(family, models), native_size(models, factor)
 
 
 def check_pipeline(
@@ -77,14 +85,14 @@ def check_pipeline(
     ``check_model_layers`` is False), then :func:`~hcp_core.data.report.check_data` with the
     model's latent factor. Returns False when anything would stop the run (see check_data's
     ``strict``)."""
-    from .precision import machine_precision
+    from .precision import check_machine
 
-    ok, factor, multiple = check_model(pipeline, out) if check_model_layers else (True, None, None)
-    try:
-        machine_precision(pipeline.model.mixed_precision)
+    ok, factor, multiple, native = check_model(pipeline, out) if check_model_layers else (True, None, None, None)
+    try:  # mixed precision, VAE dtype and compile backend usable on this machine
+        check_machine(pipeline.model)
     except UserError as exc:
         print(f"model: ERROR: {exc}", file=out)
         ok = False
     data_ok = check_data(pipeline, out, registry=registry, strict=strict, verify_images=verify_images,
-                         latent_factor=factor, size_multiple=multiple)
+                         latent_factor=factor, size_multiple=multiple, native_size=native)
     return ok and data_ok

@@ -4,20 +4,26 @@ A checkpoint stores the resolved pipeline it was trained with. On ``--resume`` t
 is compared key by key (dotted paths as ``hcp config`` prints them):
 
 * **refused** — changes that would make the resumed run a different experiment or cannot be
-  restored: ``seed``, anything under ``model`` except ``gradient_checkpointing``, the optimizer
+  restored: ``seed``, anything under ``model`` except ``gradient_checkpointing`` and ``compile``, the optimizer
   (type and its hyper-parameters except ``lr``), the scheduler type, the loss, EMA on/off, the
-  data (sources, buckets, batch sizes) and every adapter setting except its learning rates
+  data (sources, buckets, batch sizes, the held-out ``validation.split``) and every adapter setting except its learning rates
   (rank, layers, alpha, dropout, words...);
-* **applied** — everything else, e.g. ``train.max_steps``, ``save_every``, ``log_every``,
-  ``keep_checkpoints``, learning rates (``*.lr``), scheduler warm-up and floor, ``[sample]``,
+* **applied** — everything else, e.g. ``train.max_steps``, ``train.epochs`` (and switching
+  between the two), ``epoch_dataset``, ``save_every``, ``save_every_epochs``, ``log_every``,
+  ``keep_checkpoints``, learning rates (``*.lr``), the scheduler's options (warm-up, floor, cycles...),
+  ``train.trackers``, ``[sample]``,
   ``max_grad_norm``, ``data.*.num_workers``, and the folders of data, masks and custom words
   (``img_root``, ``att_mask``, ``emb_dir``: data moves between disks). The log lists each applied
-  change.
+  change. A change of the run's length (:data:`SCHEDULE_LENGTH_KEYS`) rebuilds the learning-rate
+  schedule for the new length, as a changed ``max_steps`` always did.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+import typing
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import attrs
 
 from ..errors import UserError
 
@@ -25,10 +31,20 @@ from ..errors import UserError
 REFUSED = (
     "seed", "model.**", "train.optimizer.**", "train.scheduler.type", "train.loss.**", "train.ema.enabled",
     "train.gradient_accumulation", "data.**", "<adapters>.**",
+    "validation.split.**",  # which images are held out decides what trains
 )
 #: Exceptions to REFUSED: keys that apply. Folder paths may change: data moves between disks.
-ALLOWED = ("model.gradient_checkpointing", "model.cache_text", "data.*.num_workers", "data.*.cache_dir", "**.lr",
+ALLOWED = ("model.gradient_checkpointing", "model.cache_text", "model.vae_dtype", "model.vae_fp32", "model.compile", "model.compile.**", "data.*.num_workers", "data.*.cache_dir", "**.lr",
            "data.**.img_root", "data.**.att_mask", "**.emb_dir")
+
+
+#: Keys that set how many steps the run trains: changing one on resume re-fits the lr schedule.
+SCHEDULE_LENGTH_KEYS = ("train.max_steps", "train.epochs", "train.epoch_dataset")
+
+
+#: Options every optimizer had before each got its own config class: checkpoints of then hold them
+#: at these defaults whatever the optimizer, which is no change when the new config lacks them.
+RETIRED_DEFAULTS = {"train.optimizer.momentum": 0.0, "train.optimizer.betas": [0.9, 0.999], "train.optimizer.eps": 1e-8}
 
 
 class ResumeConfigError(UserError):
@@ -66,10 +82,60 @@ def classify(old: Mapping[str, Any], new: Mapping[str, Any], adapter_sections: L
     for key in sorted(set(a) | set(b)):
         if key in ("exp_dir",) or a.get(key, _MISSING) == b.get(key, _MISSING):
             continue
+        if key in RETIRED_DEFAULTS and key not in b and a.get(key) == RETIRED_DEFAULTS[key]:
+            continue
+        if key not in a and _is_default(key, b[key]):  # a key newer than the checkpoint, at its default
+            continue
         line = f"{key}: {_show(a.get(key, _MISSING))} -> {_show(b.get(key, _MISSING))}"
         blocked = any(p.match(key) for p in refused_p) and not any(p.match(key) for p in allowed_p)
         (refused if blocked else applied).append(line)
     return applied, refused
+
+
+_NO_DEFAULT = object()
+
+
+def field_default(key: str, root: Optional[type] = None) -> Any:
+    """The schema's default for a dotted pipeline key (``model.compile``, ``data.x.flip``), or
+    ``_NO_DEFAULT`` where the schema does not fix one (adapter sections, plugin components)."""
+    from ..config.schema import Pipeline
+
+    kind: Any = root or Pipeline
+    parts = [part for part in re.sub(r"\[\d+\]", "", key).split(".") if part]
+    value: Any = _NO_DEFAULT
+    while parts:
+        origin = typing.get_origin(kind)
+        if origin is typing.Union:  # Optional[X]
+            kind = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+            continue
+        if origin in (dict, Dict):  # data.<name>: the key is a dataset name
+            parts.pop(0)
+            kind = typing.get_args(kind)[1]
+            continue
+        if origin in (list, List):
+            kind = typing.get_args(kind)[0]
+            continue
+        if not attrs.has(kind):
+            return _NO_DEFAULT
+        field = attrs.fields_dict(attrs.resolve_types(kind)).get(parts.pop(0))
+        if field is None:
+            return _NO_DEFAULT
+        default = field.default
+        if default is attrs.NOTHING:
+            value = _NO_DEFAULT
+        elif isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            value = default.factory() if not default.takes_self else _NO_DEFAULT
+        else:
+            value = default
+        kind = field.type
+    return value
+
+
+def _is_default(key: str, value: Any) -> bool:
+    default = field_default(key)
+    if default is _NO_DEFAULT or attrs.has(type(default)):
+        return False
+    return (list(default) if isinstance(default, tuple) else default) == value
 
 
 class _Missing:

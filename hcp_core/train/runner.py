@@ -13,7 +13,8 @@ from ..config.schema import Pipeline
 from . import checkpoint as ckpt
 from .loop import RunResult, TrainingDiverged, export, train
 from .optim import build_scheduler
-from .resume import check_resume_config
+from .epochs import run_plan
+from .resume import SCHEDULE_LENGTH_KEYS, check_resume_config
 from .setup import Run, build_adapters, build_run
 
 __all__ = ["RunResult", "TrainingDiverged", "build_adapters", "build_run", "restore", "run", "train"]
@@ -79,7 +80,7 @@ def restore(run: Run, where: str) -> Tuple[Run, int]:
 
 def _changes_schedule(line: str) -> bool:
     key = line.split(":", 1)[0]
-    return key.endswith(".lr") or key.startswith("train.scheduler.") or key == "train.max_steps"
+    return key.endswith(".lr") or key.startswith("train.scheduler.") or key in SCHEDULE_LENGTH_KEYS
 
 
 def _rebuilt_schedule(run: Run, configured: List[float], saved: Any) -> Any:
@@ -89,7 +90,8 @@ def _rebuilt_schedule(run: Run, configured: List[float], saved: Any) -> Any:
             group.pop(key, None)
         group["lr"] = lr
     cfg = run.pipeline.train
-    scheduler = build_scheduler(run.optimizer, cfg.scheduler, max(cfg.max_steps, int(saved["last_epoch"]) + 1))
+    total = run_plan(run.pipeline, run.data).total_steps
+    scheduler = build_scheduler(run.optimizer, cfg.scheduler, max(total, int(saved["last_epoch"]) + 1))
     scheduler.last_epoch = int(saved["last_epoch"])
     with warnings.catch_warnings():  # get_lr outside step() warns; the closed form is what we want
         warnings.simplefilter("ignore")

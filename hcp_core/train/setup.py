@@ -6,6 +6,7 @@ registry the pipeline was validated against (``pipeline.registry``), never a pro
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -13,13 +14,20 @@ import attrs
 import torch
 
 from ..config.pipeline import pipeline_to_dict
-from ..config.schema import Pipeline
+from ..config.schema import Pipeline, compile_options
 from ..config.toml_write import dumps
 from ..errors import UserError
+from ..export_names import OUTPUT_NAME
 from ..interfaces import AdapterContext, ModelBundle
+from .compile import check_backend, setup_compile
 from .ema import Ema
+from .epochs import run_plan
+from .grad_sync import grad_sync_for, refuse_sharded_engines
 from .optim import build_optimizer, build_scheduler
+from .packages import check_packages
+from .progress import StepStats
 from .run_folder import RunLock, open_run_folder
+from .trackers import open_trackers
 
 log = logging.getLogger("hcp")
 
@@ -44,8 +52,12 @@ class Run:
     loss_fn: Callable[..., torch.Tensor]
     ema: Optional[Ema]
     first_bucket: Tuple[int, int]  # (w, h) of the first dataset's first bucket: default sample size
-    writer: Any = None  # TensorBoard SummaryWriter on the main process, when installed
+    writer: Any = None  # the main process's trackers (hcp_core.train.trackers.Trackers), or None
     renderer: Any = None  # the [sample] renderer on the main process, or None
+    validation: Any = None  # hcp_core.train.validation.Validation, or None without [validation]
+    stats: StepStats = attrs.field(factory=StepStats)  # what the last optimizer step measured (loop.py)
+    grad_sync: Any = None  # hcp_core.train.grad_sync.GradSync with several processes, else None
+    compiled: Any = None  # hcp_core.train.compile.CompileWatch when model.compile is on, else None
 
     @property
     def is_main(self) -> bool:
@@ -65,6 +77,10 @@ class Run:
             self.writer.close()
         if self.lock is not None:
             self.lock.release()
+        if self.grad_sync is not None:
+            self.grad_sync.close()
+        if self.compiled is not None:
+            self.compiled.close()
 
 
 def setup_logging(exp_dir: Path, is_main: bool) -> None:
@@ -111,10 +127,12 @@ def make_accelerator(pipeline: Pipeline) -> Any:
     # launch lives in PartialState, which stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    refuse_sharded_engines(os.environ)  # FSDP / DeepSpeed configs: refused (grad_sync.py says why)
     from .precision import machine_precision
 
     precision, why = machine_precision(pipeline.model.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    refuse_sharded_engines({}, str(accelerator.distributed_type.value))  # however accelerate was told
     accelerator.precision_reason = why  # logged once the run's log exists
     return accelerator
 
@@ -150,6 +168,8 @@ def build_run(pipeline: Pipeline, *, resume: bool = False, overwrite: bool = Fal
     from accelerate.utils import set_seed
 
     acc = make_accelerator(pipeline)
+    if compile_options(pipeline.model.compile) is not None:  # refused before the model loads, not in step 1
+        check_backend(compile_options(pipeline.model.compile), acc.device)
     exp_dir, lock = open_folder(pipeline, acc, resume=resume, overwrite=overwrite)
     try:
         set_seed(pipeline.seed)
@@ -184,23 +204,34 @@ def model_family(pipeline: Pipeline) -> Any:
 
     if pipeline.model.family is None:
         raise ModelLoadError(missing_model_message(pipeline.model.pretrained))
-    return pipeline.model.family.build()
+    family = pipeline.model.family.build()
+    check = getattr(family, "check_options", None)  # optional member: options this family cannot honour
+    if check is not None:
+        check(pipeline)
+    return family
 
 
 def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[RunLock]) -> Run:
     from ..data.loader import build_train_data
+    from .validation import Validation, prepare_validation
+    from ..data.size_checks import native_size
 
     p, cfg = pipeline, pipeline.train
+    check_packages(p)  # a missing optional package (optimizer, tracker) fails before the model loads
     if acc.is_main_process:
         (exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
     family = model_family(p)
     models: ModelBundle = family.load(p.model.pretrained, prediction_type=p.model.prediction_type, config=p.model.config)
     data = build_train_data(p, registry=p.registry, rank=acc.process_index, world_size=acc.num_processes,
                             latent_factor=family.latent_factor(models), size_multiple=size_multiple(family, models),
-                            verify_images=True)
+                            verify_images=True, native_size=native_size(models, family.latent_factor(models)),
+                            pin_memory=acc.device.type == "cuda")  # pinned batches copy to the GPU asynchronously
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
+    total_steps = run_plan(p, data).total_steps  # train.max_steps, or what train.epochs comes to
+    val_data = prepare_validation(p, latent_factor=family.latent_factor(models), size_multiple=size_multiple(family, models))
     context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
-                             resolution=first_bucket, seed=p.seed, extra={"max_steps": cfg.max_steps},
+                             resolution=first_bucket, seed=p.seed,
+                             extra={"max_steps": total_steps, OUTPUT_NAME: p.output_name},
                              default_layers=getattr(family, "default_layers", None))
     check_parts(p, family)
     adapters = build_adapters(p, context)
@@ -214,34 +245,44 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     trained = [prm for g in groups for prm in g["params"]]
     text_encoders = [m for name, m in models.modules().items() if name.startswith("text_encoder")]
     train_text = any(prm.requires_grad for te in text_encoders for prm in te.parameters())
-    place_models(models, acc.device, p.model, acc.mixed_precision)
+    vae_check = getattr(family, "vae_safe_in_bf16", None)  # optional family member
+    place_models(models, acc.device, p.model, acc.mixed_precision,
+                 vae_bf16_safe=bool(vae_check is not None and vae_check(models)))
     data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
                        wait=acc.wait_for_everyone)
-    # Models are not wrapped in DDP: gradients of the trained tensors are averaged across
-    # processes in one flat all-reduce per step (loop.sync_grads), which keeps adapters free to
-    # train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
+    # Models are not wrapped in DDP: gradients of the trained tensors are averaged across processes
+    # in buckets reduced during backward (grad_sync.py), which keeps module names and frees
+    # adapters to train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
+    grad_sync = grad_sync_for(acc, trained)
     optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
-    lr_scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.max_steps)
+    compiled = setup_compile(models, compile_options(p.model.compile), optimizer, acc.device)
+    lr_scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     prompt_encoder = family.prompt_encoder(models, clip_skip=p.model.clip_skip)
     for _, adapter in adapters:  # e.g. prompt tuning expands custom words into their tokens
         wrap = getattr(adapter, "wrap_prompt_encoder", None)
         if wrap is not None:
             prompt_encoder = wrap(prompt_encoder)
+    if p.model.prompt_emphasis:  # after wrapping: the custom-word encoders read emphasis too
+        from ..models.emphasis import enable_emphasis
+
+        prompt_encoder = enable_emphasis(prompt_encoder)
     if p.model.cache_text:
-        prompt_encoder = cached_text(p, family, models, data, prompt_encoder, wrapped=any(
+        prompt_encoder = cached_text(p, family, models, data, prompt_encoder, validation=val_data, wrapped=any(
             getattr(a, "wrap_prompt_encoder", None) for _, a in adapters), train_text=train_text, device=acc.device)
-    writer = open_tensorboard(exp_dir) if acc.is_main_process else None
+    writer = open_trackers(p, exp_dir) if acc.is_main_process else None
     run = Run(
         pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, family=family, models=models, data=data, adapters=adapters,
         trained_params=trained, train_text=train_text, optimizer=optimizer, lr_scheduler=lr_scheduler,
         prompt_encoder=prompt_encoder, loss_fn=p.train.loss.build(),
         ema=Ema(trained, cfg.ema.decay) if cfg.ema.enabled else None, first_bucket=first_bucket, writer=writer,
     )  # fmt: skip
-    return attrs.evolve(run, renderer=build_renderer(run))
+    validation = Validation.build(p, val_data, latent_factor=family.latent_factor(models)) if val_data else None
+    return attrs.evolve(run, renderer=build_renderer(run), validation=validation, grad_sync=grad_sync,
+                        compiled=compiled)
 
 
 def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encoder: Any, *, wrapped: bool,
-                train_text: bool, device: Any) -> Any:
+                train_text: bool, device: Any, validation: Any = None) -> Any:
     """The prompt encoder replaced by one that serves outputs computed once (``model.cache_text``)."""
     from ..config.values import fill_placeholders
     from .text_cache import cache_text
@@ -254,12 +295,19 @@ def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encode
                         "encoder or custom words; set cache_text = false")
     extra = [] if p.sample is None else [*(fill_placeholders(x, p.sample.word_names) for x in p.sample.prompts),
                                          p.sample.negative_prompt]
-    return cache_text(encoder, models, data.prepared, extra, device=device)
+    held = {f"validation.{name}": prep for name, prep in (validation or {}).items()}  # their prompts too
+    return cache_text(encoder, models, {**data.prepared, **held}, extra, device=device)
 
 
-def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: str) -> None:
-    """Move every part to ``device``; frozen weights go half precision on CUDA (trained ones stay fp32)."""
+def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: str, *, vae_bf16_safe: bool = False) -> None:
+    """Move every part to ``device``; frozen weights go half precision on CUDA (trained ones stay fp32).
+    ``vae_bf16_safe``: the family says its VAE may go bf16 under ``model.vae_dtype = "auto"``."""
+    from .precision import choose_vae_dtype, torch_dtype
+
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device.type == "cuda" else None
+    vae_name, why = choose_vae_dtype(model_cfg.vae_dtype, model_cfg.vae_fp32, precision, bf16_safe=vae_bf16_safe,
+                                     cuda=device.type == "cuda")
+    log.info("VAE weights: %s (%s)", vae_name, why)
     trains = {}
     for name, module in models.modules().items():
         trains[name] = any(prm.requires_grad for prm in module.parameters())
@@ -267,10 +315,15 @@ def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: st
         module.train(trains[name])
         # T5 overflows in fp16 (its feed-forward activations exceed 65504): it stays fp32 there.
         t5_in_fp16 = half is torch.float16 and type(module).__name__.startswith("T5")
-        if half is not None and not (name == "vae" and model_cfg.vae_fp32) and not t5_in_fp16:
+        dtype = torch_dtype(vae_name) if name == "vae" else half
+        if dtype is not None and not t5_in_fp16:
             for prm in module.parameters():
                 if not prm.requires_grad:
-                    prm.data = prm.data.to(half)
+                    prm.data = prm.data.to(dtype)
+    if getattr(model_cfg, "fp8_base", False):  # frozen denoiser weights in 8 bits, upcast per forward
+        from ..models.fp8_storage import store_linears_in_fp8
+
+        store_linears_in_fp8(models.denoiser)
     if model_cfg.gradient_checkpointing:
         for name in ("unet", "transformer"):
             if trains.get(name):
@@ -279,16 +332,6 @@ def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: st
             te = getattr(models, name)
             if te is not None and trains.get(name) and hasattr(te, "gradient_checkpointing_enable"):
                 te.gradient_checkpointing_enable()
-
-
-def open_tensorboard(exp_dir: Path) -> Any:
-    """A SummaryWriter on ``<exp_dir>/logs``, or None (with a warning) without tensorboard."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(exp_dir / "logs"))
 
 
 def build_renderer(run: Run) -> Any:
@@ -303,4 +346,5 @@ def build_renderer(run: Run) -> Any:
         default_size=run.first_bucket, model_path=str((Path(p.base_dir) / p.model.pretrained).resolve()),
         clip_skip=p.model.clip_skip, prediction_type=p.model.prediction_type,
         autocast=run.accelerator.autocast, writer=run.writer, render=run.family.render,
+        optimizer=run.optimizer,
     )  # fmt: skip

@@ -47,6 +47,11 @@ class StableDiffusionFamily:
         """Pixels per latent side: 2 ** (VAE down blocks - 1), 8 for SD."""
         return 2 ** (len(models.vae.config.block_out_channels) - 1)
 
+    def vae_safe_in_bf16(self, models: ModelBundle) -> bool:
+        """SD 1.x/2.x's VAE encodes well in bf16; SDXL's overflows in half precision and stays fp32
+        under ``model.vae_dtype = "auto"``."""
+        return models.kind == "sd"
+
     def default_layers(self, part: str) -> List[str]:
         """What a LoRA group on ``part`` targets without ``layers``: the UNet's transformer blocks
         (kohya's default) and the CLIP encoders' attention and MLP layers (see :mod:`.default_layers`)."""
@@ -76,7 +81,10 @@ class StableDiffusionFamily:
         autocast: Callable[[], ContextManager],
         train_text: bool,
     ) -> TrainingPrediction:
-        """DDPM: noise and a timestep per sample, the UNet's prediction and its epsilon/v target."""
+        """DDPM: noise and a timestep per sample, the UNet's prediction and its epsilon/v target.
+
+        With an encoder that carries a :class:`~hcp_core.train.diffusion.TrainingGuidance`
+        (DreamArtist), the prediction is the guided one of the prompts and their negative prompts."""
         from hcp_core.models.conditioning import unet_conditioning
         from hcp_core.train.diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
 
@@ -86,16 +94,28 @@ class StableDiffusionFamily:
             num_train_timesteps=scheduler.config.num_train_timesteps, noise_offset=train.noise_offset,
         )
         noisy = scheduler.add_noise(latents, noise, t)
+        guidance = getattr(encoder, "guidance", None)  # DreamArtist: a negative branch, guided (diffusion.py)
         with torch.set_grad_enabled(train_text), autocast():
             cond = unet_conditioning(encoder, batch, noisy.device)  # SDXL adds pooled + time ids
+            negative = unet_conditioning(encoder, guidance.negative_batch(batch), noisy.device) if guidance else None
         with autocast():
             pred = models.unet(noisy, t, **cond).sample
+            if negative is not None:
+                pred = guidance.combine(models.unet(noisy, t, **negative).sample, pred, t,
+                                        scheduler.config.num_train_timesteps)
         target = training_target(scheduler, latents, noise, t, models.prediction_type)
         snr_values = snr(scheduler, t)
         weights = min_snr_weights(snr_values, train.min_snr_gamma, models.prediction_type)
         return TrainingPrediction(pred=pred, target=target, timesteps=t, snr=snr_values, weights=weights)
 
     # ------------------------------------------------------------------ images
+    def sampling_pipeline(self, models: ModelBundle, sampler: str) -> Any:
+        """diffusers' SD or SDXL pipeline around ``models`` with the ``sampler`` hcp names (for
+        batches of plain prompts: ``hcp tools gen-from-prompts``)."""
+        from hcp_core.generation.render import build_diffusers_pipeline
+
+        return build_diffusers_pipeline(models, sampler)
+
     def render(self, models: ModelBundle, encoder: Any, params: Any, *,
                autocast: Callable[[], ContextManager]) -> Any:
         """One PIL image for generation parameters ``params`` with the models as they are now."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attrs
 
@@ -196,10 +196,12 @@ def prepare_dataset(
     verify_images: bool = False,
     latent_factor: int = DEFAULT_LATENT_FACTOR,
     size_multiple: Optional[int] = None,
+    select: Optional[Callable[[List[ImageRecord]], List[ImageRecord]]] = None,
 ) -> PreparedDataset:
     """Scan, check, optionally verify, and bucket dataset ``name``; ``registry`` is the
     pipeline's (``pipeline.registry``). Bucket sides must be multiples of ``size_multiple``
     (default ``latent_factor``; a transformer that patches 2x2 latents needs twice that).
+    ``select`` picks the records to keep right after the scan (a validation split).
 
     Raises :class:`~hcp_core.errors.DataError` when nothing usable is left, naming the problems.
     """
@@ -207,6 +209,8 @@ def prepare_dataset(
         known = ", ".join(registry.data_sources.names()) or "none is installed"
         raise DataError(f"data.{name}: no sources; add a [[data.{name}.sources]] table (data sources: {known})")
     records, problems = scan_sources(name, config, registry=registry, base_dir=base_dir)
+    if select is not None and records:
+        records = select(records)
     if verify_images and records:
         records, more = verify_records(records)
         problems.extend(more)

@@ -12,7 +12,9 @@ Per-sample dict (see :class:`Collate` for the batch):
 - ``prompt``: str
 - ``weight_map``: float32 [1, H/8, W/8] attention-mask loss weights, or None (no mask)
 - ``original_size_hw``, ``crop_top_left``, ``target_size_hw``: (int, int), the SDXL conditioning
-  order (height/top first); target = the bucket size
+  order (height/top first); target = the bucket size; for a flipped sample the crop's left edge
+  is measured in the mirrored image
+- ``flipped``: bool, whether image and mask were mirrored left-right (``flip`` on the dataset)
 - ``index``: the sample index actually loaded (differs from the requested one when a bad file
   was replaced), ``image``: its path
 """
@@ -49,6 +51,15 @@ def sample_rng(seed: int, name: str, epoch: int, index: int) -> random.Random:
     return random.Random(f"hcp-sample:{seed}:{name}:{epoch}:{index}")
 
 
+def flip_drawn(p: float, seed: int, name: str, epoch: int, index: int) -> bool:
+    """Whether sample ``index`` of ``epoch`` is mirrored, with probability ``p``.
+
+    Its own generator, not :func:`sample_rng`: switching ``flip`` on leaves every crop, template
+    and tag order as it was, and the draw repeats exactly on resume.
+    """
+    return p > 0 and random.Random(f"hcp-flip:{seed}:{name}:{epoch}:{index}").random() < p
+
+
 class BucketDataset(torch.utils.data.Dataset):
     """Samples of one prepared dataset; picklable, so DataLoader workers can use it."""
 
@@ -68,6 +79,7 @@ class BucketDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.latent_factor = latent_factor
         self.background = background
+        self.flip = float(getattr(prepared.config, "flip", 0.0))
         # Sample i -> record; repeats are consecutive samples of the same record.
         self.sample_record: List[int] = [i for i, r in enumerate(self.records) for _ in range(r.repeat)]
         self.latents: Any = None  # a LatentReader once the latent cache is filled
@@ -94,13 +106,15 @@ class BucketDataset(torch.utils.data.Dataset):
         bucket = self.bucket_sizes[self.record_bucket[record_index]]
         return bucket, self.bucket.crop(record.size, bucket, rng)
 
-    def load_pixels(self, record_index: int, plan: CropPlan) -> torch.Tensor:
-        """The record's image resized and cropped by ``plan``, as [3, H, W] in [-1, 1]."""
+    def load_pixels(self, record_index: int, plan: CropPlan, flipped: bool = False) -> torch.Tensor:
+        """The record's image resized and cropped by ``plan`` (then mirrored left-right if
+        ``flipped``), as [3, H, W] in [-1, 1]."""
         record = self.records[record_index]
         im = load_rgb(record.image, self.background, draft=plan.resize)
-        return image_to_tensor(apply_plan(im, plan, Image.Resampling.LANCZOS))
+        pixels = image_to_tensor(apply_plan(im, plan, Image.Resampling.LANCZOS))
+        return pixels.flip(-1) if flipped else pixels
 
-    def _weights(self, record: ImageRecord, plan: CropPlan) -> Optional[torch.Tensor]:
+    def _weights(self, record: ImageRecord, plan: CropPlan, flipped: bool) -> Optional[torch.Tensor]:
         if record.mask is None:
             return None
         try:
@@ -108,6 +122,9 @@ class BucketDataset(torch.utils.data.Dataset):
         except (BadImage, OSError) as exc:
             log.warning("data.%s: mask %s cannot be read (%s); weight 1 everywhere for %s", self.name, record.mask, exc, record.image)
             return None
+        # Bucket widths are multiples of the latent factor, so mirroring the averaged cells equals
+        # averaging the mirrored mask.
+        weights = weights[:, ::-1] if flipped else weights
         return torch.from_numpy(np.ascontiguousarray(weights))[None]
 
     def load(self, index: int, epoch: int) -> Dict[str, Any]:
@@ -116,29 +133,35 @@ class BucketDataset(torch.utils.data.Dataset):
         record = self.records[record_index]
         rng = sample_rng(self.seed, self.name, epoch, index)
         bucket, plan = self.plan(record_index, rng)
+        flipped = flip_drawn(self.flip, self.seed, self.name, epoch, index)
         left, top = plan.box[0], plan.box[1]
+        if flipped:  # the crop of the mirrored resized image starts where the box ended
+            left = plan.resize[0] - plan.box[2]
         sample: Dict[str, Any] = {
             "prompt": build_prompt(record, rng),
-            "weight_map": self._weights(record, plan),
+            "weight_map": self._weights(record, plan, flipped),
             "original_size_hw": (record.size[1], record.size[0]),
             "crop_top_left": (top, left),
             "target_size_hw": (bucket[1], bucket[0]),
+            "flipped": flipped,
             "index": index,
             "image": record.image,
         }
         if self.latents is not None:
-            sample["latents"] = self.latents.load(self.latent_key(record_index, plan), f"{self.seed}:{self.name}:{epoch}:{index}")
+            sample["latents"] = self.latents.load(self.latent_key(record_index, plan, flipped),
+                                                  f"{self.seed}:{self.name}:{epoch}:{index}")
         else:
-            sample["pixel_values"] = self.load_pixels(record_index, plan)
+            sample["pixel_values"] = self.load_pixels(record_index, plan, flipped)
         return sample
 
-    def latent_key(self, record_index: int, plan: CropPlan) -> str:
-        """The cache key of a record's latents under ``plan`` (see :mod:`hcp_core.data.latent_cache`)."""
+    def latent_key(self, record_index: int, plan: CropPlan, flipped: bool = False) -> str:
+        """The cache key of a record's latents under ``plan``, mirrored or not (see
+        :mod:`hcp_core.data.latent_cache`)."""
         from .latent_cache import entry_key
 
         record = self.records[record_index]
         bucket = self.bucket_sizes[self.record_bucket[record_index]]
-        return entry_key(record.image, bucket, plan, self.background)
+        return entry_key(record.image, bucket, plan, self.background, flipped=flipped)
 
     def __getitem__(self, key: Key) -> Dict[str, Any]:
         index, epoch = (key, 0) if isinstance(key, int) else key
@@ -183,8 +206,8 @@ class Collate:
     Batch keys: ``pixel_values`` [B, 3, H, W] or ``latents`` [B, C, h, w]; ``prompts`` list[str];
     ``weight_map`` [B, 1, h, w] or None (when no sample has a mask; samples without a mask get
     ones when others have one); ``original_size_hw``, ``crop_top_left``, ``target_size_hw``
-    LongTensor [B, 2]; ``indices`` LongTensor [B]; ``images`` list[str]; ``dataset`` (name) and
-    ``loss_weight`` (float) of the dataset.
+    LongTensor [B, 2]; ``indices`` LongTensor [B]; ``flipped`` BoolTensor [B]; ``images`` list[str];
+    ``dataset`` (name) and ``loss_weight`` (float) of the dataset.
     """
 
     def __init__(self, name: str, loss_weight: float = 1.0) -> None:
@@ -198,6 +221,7 @@ class Collate:
             "prompts": [s["prompt"] for s in samples],
             "images": [s["image"] for s in samples],
             "indices": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+            "flipped": torch.tensor([bool(s.get("flipped", False)) for s in samples], dtype=torch.bool),
         }
         for key in ("original_size_hw", "crop_top_left", "target_size_hw"):
             batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)

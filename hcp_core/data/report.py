@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Optional, Sequence, TextIO
+from typing import Any, List, Optional, Sequence, TextIO, Tuple
 
 from ..errors import UserError
 from ..interfaces import Problem
+from .holdout import split_selector
 from .prepare import DEFAULT_LATENT_FACTOR, EmptyDatasetError, PreparedDataset, prepare_dataset
+from .size_checks import size_warnings
 
 #: How many problems a training log lists before pointing at ``hcp check``.
 LOG_PROBLEM_LIMIT = 20
@@ -79,13 +81,15 @@ def check_data(
     verify_images: bool = True,
     latent_factor: Optional[int] = None,
     size_multiple: Optional[int] = None,
+    native_size: Optional[Tuple[int, int]] = None,
 ) -> bool:
     """The data part of ``hcp check``: per dataset the bucket table and every problem.
 
     Images are decoded in full (a header cannot reveal a truncated file; the run verifies them
     too, so both see the same buckets) unless ``verify_images`` is False (headers only: fast, but
-    truncated files go unnoticed). Returns False when a dataset cannot be trained at all, or,
-    with ``strict``, when any file has a problem.
+    truncated files go unnoticed). ``native_size`` (the model's (w, h) resolution) enables the
+    warning on buckets far above it (:mod:`hcp_core.data.size_checks`). Returns False when a
+    dataset cannot be trained at all, or, with ``strict``, when any file has a problem.
     """
     ok = True
     registry = registry if registry is not None else getattr(pipeline, "registry", None)
@@ -94,6 +98,7 @@ def check_data(
             prepared = prepare_dataset(
                 name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed,
                 verify_images=verify_images, latent_factor=latent_factor or DEFAULT_LATENT_FACTOR, size_multiple=size_multiple,
+                select=split_selector(pipeline, name, held=False),  # the training side, as the run buckets it
             )  # fmt: skip
         except EmptyDatasetError as exc:
             print(f"data.{name}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)
@@ -105,6 +110,8 @@ def check_data(
             ok = False
             continue
         print(bucket_table(prepared), file=out)
+        for warning in size_warnings(prepared, native_size):
+            print(f"warning: {warning}", file=out)
         if prepared.problems:
             print(f"data.{name}: {len(prepared.problems)} problem(s):", file=out)
             print(format_problems(prepared.problems), file=out)

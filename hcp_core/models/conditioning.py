@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: SDXL conditions on the penultimate layer: hcp's clip_skip 0 is one layer back already.
 SDXL_BASE_SKIP = 1
+#: One tensor per SDXL text encoder.
+TensorPair = Tuple["torch.Tensor", "torch.Tensor"]
 
 
 def add_time_ids(original_size_hw: Any, crop_top_left: Any, target_size_hw: Any) -> "torch.Tensor":
@@ -80,30 +82,45 @@ class SdxlPromptEncoder:
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple["torch.Tensor", "torch.Tensor"]:
         """Token ids of each encoder, padded to the same number of chunks."""
+        (ids_1, ids_2), _ = self.tokenize_weighted(prompts)
+        return ids_1, ids_2
+
+    def tokenize_weighted(self, prompts: Union[str, Sequence[str]]) -> Tuple[TensorPair, TensorPair]:
+        """((ids 1, ids 2), (weights 1, weights 2)): each encoder's ids and emphasis weights
+        (:meth:`PromptEncoder.tokenize_weighted`), padded with empty chunks to the same length."""
         import torch
 
-        ids = [encoder.tokenize(prompts) for encoder in self.encoders]
-        chunks = max(i.shape[1] // e.chunk_length for i, e in zip(ids, self.encoders))
-        padded = []
-        for i, encoder in zip(ids, self.encoders):
+        tokenized = [encoder.tokenize_weighted(prompts) for encoder in self.encoders]
+        chunks = max(i.shape[1] // e.chunk_length for (i, _), e in zip(tokenized, self.encoders))
+        ids, weights = [], []
+        for (i, w), encoder in zip(tokenized, self.encoders):
             missing = chunks - i.shape[1] // encoder.chunk_length
             if missing:
                 empty = torch.tensor(encoder.chunk([], missing), dtype=torch.long).expand(i.shape[0], -1)
                 i = torch.cat([i, empty], dim=1)
-            padded.append(i)
-        return padded[0], padded[1]
+                w = torch.cat([w, torch.ones(w.shape[0], missing * encoder.chunk_length)], dim=1)
+            ids.append(i)
+            weights.append(w)
+        return (ids[0], ids[1]), (weights[0], weights[1])
 
-    def encode_with_pooled(self, ids_1: "torch.Tensor", ids_2: "torch.Tensor") -> EncodedPrompts:
-        """Encode both encoders' ids; hidden states joined on the last axis, pooled from encoder 2."""
+    def encode_with_pooled(self, ids_1: "torch.Tensor", ids_2: "torch.Tensor",
+                           weights: Optional[TensorPair] = None) -> EncodedPrompts:
+        """Encode both encoders' ids; hidden states joined on the last axis, pooled from encoder 2.
+        ``weights`` (from :meth:`tokenize_weighted`) emphasise each encoder's hidden states on
+        their own, before they are joined."""
         import torch
 
-        first = self.encoders[0].encode_with_pooled(ids_1)
-        second = self.encoders[1].encode_with_pooled(ids_2)
+        w_1, w_2 = weights if weights is not None else (None, None)
+        first = self.encoders[0].encode_with_pooled(ids_1, w_1)
+        second = self.encoders[1].encode_with_pooled(ids_2, w_2)
         hidden = torch.cat([first.hidden, second.hidden.to(first.hidden.dtype)], dim=-1)
         return EncodedPrompts(hidden=hidden, pooled=second.pooled)
 
     def __call__(self, prompts: Union[str, Sequence[str]]) -> EncodedPrompts:
-        """``encode_with_pooled(*tokenize(prompts))``."""
+        """``encode_with_pooled(*tokenize(prompts))``, emphasised when its encoders' ``emphasis`` is on."""
+        if any(encoder.emphasis for encoder in self.encoders):
+            ids, weights = self.tokenize_weighted(prompts)
+            return self.encode_with_pooled(*ids, weights=weights)
         return self.encode_with_pooled(*self.tokenize(prompts))
 
 

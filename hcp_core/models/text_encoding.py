@@ -14,16 +14,21 @@ Two things differ from a plain ``text_encoder(tokenizer(prompt))``:
 Tokenizing (:meth:`PromptEncoder.tokenize`) and encoding (:meth:`PromptEncoder.encode`) are separate
 steps: prompt tuning overrides :meth:`PromptEncoder.token_ids` to expand its custom words into
 placeholder tokens, and swaps vectors in at the embedding layer, without touching the chunking.
+
+With :attr:`PromptEncoder.emphasis` on (``model.prompt_emphasis``), prompts are read with webui's
+``(word:1.2)`` syntax (:mod:`.emphasis`): :meth:`PromptEncoder.tokenize_weighted` gives a weight
+per position, and :meth:`PromptEncoder.encode_with_pooled` weights the hidden states with them.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, List, Sequence, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import attrs
 
 from ..errors import ConfigError
+from .emphasis import apply_emphasis, parse_emphasis
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -71,6 +76,10 @@ class PromptEncoder:
     embeddings) gets them through :meth:`encode`.
     """
 
+    #: Read ``(word:1.2)`` emphasis in prompts (:func:`~hcp_core.models.emphasis.enable_emphasis`);
+    #: off, brackets are plain text.
+    emphasis: bool = False
+
     def __init__(
         self,
         tokenizer: Any,
@@ -110,40 +119,68 @@ class PromptEncoder:
         """The prompt's token ids without BOS/EOS. Prompt tuning overrides this to expand its words."""
         return list(self.tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
-    def chunk(self, ids: Sequence[int], n_chunks: int) -> List[int]:
-        """Lay ``ids`` (at most ``n_chunks`` * 75) out as ``n_chunks`` windows of BOS ids EOS pad..."""
-        out: List[int] = []
+    def weighted_token_ids(self, prompt: str) -> "tuple[List[int], List[float]]":
+        """The prompt's token ids (as :meth:`token_ids`) and a weight per id. With :attr:`emphasis`
+        each (text, weight) run of the parsed prompt is tokenized on its own; off, every weight is 1."""
+        if not self.emphasis:
+            ids = self.token_ids(prompt)
+            return ids, [1.0] * len(ids)
+        ids, weights = [], []
+        for text, weight in parse_emphasis(prompt):
+            piece = self.token_ids(text)
+            ids += piece
+            weights += [weight] * len(piece)
+        return ids, weights
+
+    def _windows(self, values: Sequence[Any], n_chunks: int, bos: Any, eos: Any, pad: Any) -> List[Any]:
+        out: List[Any] = []
         step = self.tokens_per_chunk
         for i in range(n_chunks):
-            piece = list(ids[i * step : (i + 1) * step])
-            window = [self.bos_id] + piece + [self.eos_id]
-            out += window + [self.pad_id] * (self.chunk_length - len(window))
+            window = [bos] + list(values[i * step : (i + 1) * step]) + [eos]
+            out += window + [pad] * (self.chunk_length - len(window))
         return out
+
+    def chunk(self, ids: Sequence[int], n_chunks: int) -> List[int]:
+        """Lay ``ids`` (at most ``n_chunks`` * 75) out as ``n_chunks`` windows of BOS ids EOS pad..."""
+        return self._windows(ids, n_chunks, self.bos_id, self.eos_id, self.pad_id)
+
+    def chunk_weights(self, weights: Sequence[float], n_chunks: int) -> List[float]:
+        """``weights`` laid out as :meth:`chunk` lays out their ids; BOS, EOS and padding weigh 1."""
+        return self._windows(weights, n_chunks, 1.0, 1.0, 1.0)
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> "torch.Tensor":
         """Token ids ``[B, chunks * 77]`` for ``prompts``; the batch shares the largest chunk count."""
+        return self.tokenize_weighted(prompts)[0]
+
+    def tokenize_weighted(self, prompts: Union[str, Sequence[str]]) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Token ids ``[B, chunks * 77]`` and their weights (float32, same shape; all 1 without
+        :attr:`emphasis`); the batch shares the largest chunk count."""
         import torch
 
         if isinstance(prompts, str):
             prompts = [prompts]
         limit = self.max_chunks * self.tokens_per_chunk
-        all_ids = []
+        all_ids, all_weights = [], []
         for prompt in prompts:
-            ids = self.token_ids(prompt)
+            ids, weights = self.weighted_token_ids(prompt)
             if len(ids) > limit:
                 log.warning(
                     "prompt cut to %d tokens (max_chunks=%d x %d): %d tokens dropped, from %r",
                     limit, self.max_chunks, self.tokens_per_chunk, len(ids) - limit,
                     self.tokenizer.decode(ids[limit:]),
                 )  # fmt: skip
-                ids = ids[:limit]
+                ids, weights = ids[:limit], weights[:limit]
             all_ids.append(ids)
+            all_weights.append(weights)
         n_chunks = max([1] + [math.ceil(len(ids) / self.tokens_per_chunk) for ids in all_ids])
-        return torch.tensor([self.chunk(ids, n_chunks) for ids in all_ids], dtype=torch.long)
+        return (torch.tensor([self.chunk(ids, n_chunks) for ids in all_ids], dtype=torch.long),
+                torch.tensor([self.chunk_weights(w, n_chunks) for w in all_weights], dtype=torch.float32))
 
     # ----------------------------------------------------------------------- encoding
-    def encode_with_pooled(self, input_ids: "torch.Tensor") -> EncodedPrompts:
-        """Encode ids from :meth:`tokenize`: every chunk in one batched pass, then rejoined."""
+    def encode_with_pooled(self, input_ids: "torch.Tensor", weights: "Optional[torch.Tensor]" = None) -> EncodedPrompts:
+        """Encode ids from :meth:`tokenize`: every chunk in one batched pass, then rejoined; with
+        ``weights`` (from :meth:`tokenize_weighted`) the hidden states are emphasised
+        (:func:`~hcp_core.models.emphasis.apply_emphasis`; the pooled output is not)."""
         batch, length = input_ids.shape
         if length % self.chunk_length:
             raise ValueError(f"input_ids length {length} is not a multiple of {self.chunk_length}")
@@ -161,6 +198,8 @@ class PromptEncoder:
             pooled = out.pooler_output
         hidden = hidden.reshape(batch, n_chunks * self.chunk_length, hidden.shape[-1])
         pooled = pooled.reshape(batch, n_chunks, pooled.shape[-1])[:, 0]
+        if weights is not None and bool((weights != 1).any()):
+            hidden = apply_emphasis(hidden, weights)
         return EncodedPrompts(hidden=hidden, pooled=pooled)
 
     def encode(self, input_ids: "torch.Tensor") -> "torch.Tensor":
@@ -168,6 +207,8 @@ class PromptEncoder:
         return self.encode_with_pooled(input_ids).hidden
 
     def __call__(self, prompts: Union[str, Sequence[str]]) -> "torch.Tensor":
-        """``encode(tokenize(prompts))``."""
+        """``encode(tokenize(prompts))``, emphasised when :attr:`emphasis` is on."""
+        if self.emphasis:
+            return self.encode_with_pooled(*self.tokenize_weighted(prompts)).hidden
         return self.encode(self.tokenize(prompts))
 

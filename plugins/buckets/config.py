@@ -38,6 +38,11 @@ def _step(inst: Any, attribute: attrs.Attribute, value: int) -> None:
         fail(attribute, f"must be a multiple of {LATENT_MULTIPLE} between {LATENT_MULTIPLE} and {MAX_SIDE}, got {value!r}")
 
 
+def _bound(inst: Any, attribute: attrs.Attribute, value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE):
+        fail(attribute, f"must be a whole number of pixels between 1 and {MAX_SIDE}, got {value!r}")
+
+
 @attrs.define
 class FixedBucketConfig:
     """Every image resized to cover target_size = [w, h], then cropped to it (crop = "center" | "random")."""
@@ -51,7 +56,8 @@ class RatioBucketConfig:
     """Aspect-ratio buckets near one area: from = "ratios" (spread over the ratio range) or "images" (clustered).
 
     Give target_area (pixels) or target_size = [w, h] (area w*h); default 512*512. Sides are
-    multiples of step; max_ratio bounds long side / short side; crop = "center" | "random".
+    multiples of step; max_ratio bounds long side / short side; crop = "center" | "random";
+    min_side / max_side bound every side; no_upscale = true gives small images smaller buckets.
     """
 
     # ``from`` is a Python keyword: the TOML key is "from", the attribute build_from.
@@ -62,10 +68,17 @@ class RatioBucketConfig:
     num_buckets: int = attrs.field(default=5, validator=in_range(1, MAX_BUCKETS))
     max_ratio: float = attrs.field(default=2.0, validator=in_range(1, MAX_RATIO))
     crop: str = attrs.field(default="center", validator=one_of(CROP_MODES))
+    #: Never enlarge an image: one smaller than its bucket gets that bucket scaled down to fit it.
+    no_upscale: bool = False
+    #: Bounds on both sides of every bucket (kohya's min_bucket_reso / max_bucket_reso).
+    min_side: Optional[int] = attrs.field(default=None, validator=_bound)
+    max_side: Optional[int] = attrs.field(default=None, validator=_bound)
 
     def __attrs_post_init__(self) -> None:
         if self.target_area is not None and self.target_size is not None:
             raise ValueError("give target_area or target_size, not both")
+        if self.min_side is not None and self.max_side is not None and self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
         if self.area < self.step * self.step:
             raise ValueError(f"target area {self.area} is smaller than one step x step square ({self.step}x{self.step})")
 

@@ -34,3 +34,10 @@ class TagDropoutConfig:
     p: float = attrs.field(default=0.1, validator=in_range(0, 1))
     separator: str = attrs.field(default=",", validator=not_blank)
     keep_first: int = attrs.field(default=0, validator=at_least(0))
+
+
+@attrs.define
+class CaptionDropoutConfig:
+    """Replace the whole prompt (template and caption) with "" with probability p, for unconditional training."""
+
+    p: float = attrs.field(default=0.1, validator=in_range(0, 1))

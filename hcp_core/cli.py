@@ -11,8 +11,10 @@ EPILOG = "Docs: README.md. A user error exits with status 2; add --debug for a t
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="pipeline TOML file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a value, e.g. data.dataset1.batch_size=2")
+    p.add_argument("config", metavar="PIPELINE.toml", help="pipeline TOML file")
+    # default=[]: without it argparse lists KEY=VALUE among the "required" arguments when none is given.
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. data.dataset1.batch_size=2 or lora_unet[0].rank=8 (also after options)")
 
 
 def _load(args: argparse.Namespace):
@@ -62,10 +64,51 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from .config.component_options import component_lines
     from .plugins import get_registry, plugin_listing
 
-    print("\n".join(plugin_listing(get_registry())))
+    print("\n".join(plugin_listing(get_registry(), component_lines if args.verbose else None)))
     return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import os
+
+    from .models.layers_listing import list_model, write_listing
+    from .plugins import get_registry, report_failures
+
+    registry = get_registry()
+    report_failures(registry)
+    listings = list_model(args.model, registry=registry, family=args.family, config=args.model_config,
+                          parts=args.part or (), pattern=args.pattern, defaults_only=args.defaults)
+    try:
+        write_listing(listings, sys.stdout)
+    except BrokenPipeError:  # `hcp layers M | head`: the reader has all it wanted
+        sys.stdout = open(os.devnull, "w")
+    return 0
+
+
+def version_text() -> str:
+    """``hcp --version``: hcp's version, then those of the libraries that decide model behaviour."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{d} {version(d)}" for d in ("torch", "diffusers", "transformers", "accelerate"))
+    return f"hcp {version('hcp')}\n{libraries}, python {platform.python_version()}"
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's ``version`` action, but the text is computed only when asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        print(version_text())
+        parser.exit()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -111,6 +154,7 @@ TOOLS: Dict[str, tuple[str, str]] = {
     "merge-lora": ("hcp_core.tools.merge_lora", "merge LoRA files into a model's weights"),
     "create-embedding": ("hcp_core.tools.create_embedding", "create a custom word (textual-inversion embedding) for prompt tuning"),
     "gen-from-prompts": ("hcp_core.tools.gen_from_prompts", "generate regularization images with captions from a prompt database"),
+    "convert-config": ("hcp_core.tools.convert_config", "turn an HCP-Diffusion training YAML into an hcp pipeline TOML"),
 }
 
 
@@ -132,6 +176,7 @@ def _scheduler_names() -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcp", description="Fine-tune diffusion models from TOML pipelines.", epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print hcp's version and its libraries'")
     # --debug is accepted after the command too; SUPPRESS keeps a leading one from being reset.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for user errors")
@@ -190,7 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plugins", help="list loaded plugins and their components")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show each component's config keys, types and defaults")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("layers", help="list a model's module names for layers = [...], default LoRA targets marked",
+                       epilog="Reads only the model's configs (no weights). " + EPILOG)
+    p.add_argument("model", help="a diffusers folder (or a single file with --model-config)")
+    p.add_argument("pattern", nargs="?", default=None,
+                   help="show what this layers pattern selects (a module name or 're:' + regex); "
+                        "a word that names no module filters names containing it")
+    p.add_argument("--part", action="append", default=None, metavar="PART",
+                   help="only this model part (unet, transformer, text_encoder, ...); repeatable")
+    p.add_argument("--defaults", action="store_true", help="only the family's default LoRA targets")
+    p.add_argument("--family", default=None, metavar="NAME", help="the model family; default: detected from the model")
+    p.add_argument("--model-config", default=None, metavar="DIR",
+                   help="a local diffusers folder describing a single-file MODEL")
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("demo", help="create the tiny offline demo model and dataset")
     p.add_argument("dir", nargs="?", default="demo", help="output folder (default: ./demo)")

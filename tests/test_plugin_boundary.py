@@ -203,7 +203,7 @@ def test_the_registry_says_which_adapter_reads_a_file(tmp_path: Path, monkeypatc
     with pytest.raises(AdapterFileError) as err:
         find_file_adapter(registry, tmp_path / "x.safetensors")
     assert str(err.value) == (f"--lora {tmp_path / 'x.safetensors'}: no adapter reads this file (its tensor names match no "
-                              "adapter's layout). Adapters that read files: bias, lora.")
+                              "adapter's layout). Adapters that read files: bias, lora, lycoris.")
     with pytest.raises(AdapterFileError, match="LoRA file not found"):
         find_file_adapter(registry, tmp_path / "missing.safetensors")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, MutableMapping, Sequence
@@ -110,33 +111,71 @@ def parse_override_value(text: str) -> Any:
     return value
 
 
+#: ``name[0][1]``: a key segment with list indices, as error messages print paths.
+_SEGMENT = re.compile(r"([^\[\]]*)((?:\[-?\d+\])*)")
+
+
+def split_key(key: str, item: str) -> tuple[List[str], set[int]]:
+    """``lora_unet[0].rank`` or ``lora_unet.0.rank`` -> ``["lora_unet", "0", "rank"]``, plus the
+    positions of the parts written in brackets (those must address a list item)."""
+    parts: List[str] = []
+    bracketed: set[int] = set()
+    for segment in key.split("."):
+        match = _SEGMENT.fullmatch(segment.strip())
+        if match is None or not any(match.groups()):
+            raise ConfigError(f"override '{item}': cannot read the key '{key}'; write it as in "
+                              "data.dataset1.batch_size=2 or lora_unet[0].rank=8")
+        if match.group(1):
+            parts.append(match.group(1))
+        for index in re.findall(r"-?\d+", match.group(2)):
+            bracketed.add(len(parts))
+            parts.append(index)
+    return parts, bracketed
+
+
 def apply_override(data: MutableMapping[str, Any], item: str) -> None:
-    """Apply one ``key.sub=value`` override in place; list items are addressed by index."""
+    """Apply one ``key.sub=value`` override in place; list items are addressed by index, dotted
+    (``lora_unet.0.rank=8``) or as messages print them (``lora_unet[0].rank=8``)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{item}' is not KEY=VALUE (for example: data.dataset1.batch_size=2)")
-    parts = key.split(".")
+    parts, bracketed = split_key(key, item)
     if len(parts) > MAX_DEPTH:
         raise ConfigError(f"override '{item[:60]}...': the key has {len(parts)} parts; at most {MAX_DEPTH} levels")
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
+        _check_bracket(node, depth, bracketed, parts, item)
         if isinstance(node, list):
             node = node[_index(part, node, where, item)]
             continue
         child = node.get(part)
+        if child is None and depth + 1 in bracketed:
+            # ``x[0].y`` addresses an item of a list that is not there: a table named "0" would
+            # only fail validation later with a less helpful message.
+            raise ConfigError(f"override '{item}': '{where}' is not set, so it has no item {parts[depth + 1]}; "
+                              f"set the whole list, e.g. '{where}=[{{...}}]'")
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, (dict, list)):
             raise ConfigError(f"override '{item}': '{where}' is a value ({child!r}), not a table")
         node = child
     last = parts[-1]
+    _check_bracket(node, len(parts) - 1, bracketed, parts, item)
     value = parse_override_value(raw)
     if isinstance(node, list):
         node[_index(last, node, key, item)] = value
     else:
         node[last] = value
+
+
+def _check_bracket(node: Any, depth: int, bracketed: set[int], parts: List[str], item: str) -> None:
+    """A bracketed index (``x[0]``) must address a list; a table has no items by number."""
+    if depth in bracketed and not isinstance(node, list):
+        listing = ".".join(parts[:depth]) or "(top level)"
+        raise ConfigError(f"override '{item}': '{listing}' is a table, not a list; "
+                          f"name its key instead of [{parts[depth]}]")
 
 
 def _index(part: str, node: List[Any], where: str, item: str) -> int:

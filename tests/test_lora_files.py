@@ -131,7 +131,7 @@ def test_files_that_do_not_fit_are_errors_by_message(parts, tmp_path):
         "shape.safetensors": ({**good, "lora_unet_conv_in.lora_up.weight": torch.zeros(9, 2, 1, 1)},
                               r"has shape \(9, 4, 3, 3\) but the model's layer is \(8, 4, 3, 3\)"),
         "noup.safetensors": ({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, "has no matching"),
-        "locon.safetensors": ({**good, "lora_unet_conv_in.hada_w1_a": torch.zeros(1)}, "not plain LoRA weights"),
+        "tucker.safetensors": ({**good, "lora_unet_conv_in.lora_mid.weight": torch.zeros(1)}, "not LoRA or DoRA weights"),
         "model.safetensors": ({"conv_in.weight": torch.zeros(1)}, "no LoRA weights found"),
     }  # fmt: skip
     for name, (tensors, message) in cases.items():

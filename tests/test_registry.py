@@ -211,4 +211,5 @@ def test_files_is_an_adapter_only_module_attr_loaded_on_demand(tmp_path, monkeyp
 
 def test_the_builtin_lora_declares_its_file_capabilities(registry: Registry) -> None:
     assert registry.adapters.get("lora").files == "hcp_plugins.adapters.lora.files:LoraFiles"
-    assert [c.name for c in registry.file_adapters()] == ["lora"]
+    assert registry.adapters.get("lycoris").files == "hcp_plugins.adapters.lycoris.files:LycorisFiles"
+    assert [c.name for c in registry.file_adapters()] == ["lora", "lycoris"]

@@ -11,8 +11,8 @@ starts from random weights); other parts keep the input files' key names. Option
 original-layout single-file checkpoint is written too (SD 1.x and SDXL only).
 
 Each ``--lora`` file is merged by the adapter that reads it, found through the plugin registry
-(:mod:`hcp_core.adapter_files`): the built-in LoRA, or any plugin adapter that declares file
-capabilities.
+(:mod:`hcp_core.adapter_files`): the built-in LoRA (and DoRA), LyCORIS (LoHa, LoKr), or any
+plugin adapter that declares file capabilities.
 """
 from __future__ import annotations
 
@@ -70,15 +70,6 @@ def _clear_weights(part_dir: Path) -> None:
     for file in part_dir.iterdir():
         if file.is_file() and _is_weight_file(file.name):
             file.unlink()
-
-
-def _save(tensors: Dict[str, "object"], path: Path, dtype) -> None:
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_write
-
-    cpu = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
 
 
 def _signature(module) -> tuple:
@@ -218,17 +209,14 @@ def merge_lora(
 
 
 def write_single_file(models, path: Path, dtype) -> Path:
-    """Write ``models`` (SD 1.x or SDXL) as one original-layout checkpoint at ``path``."""
-    from .ldm_checkpoint import ldm_state_dict
+    """Write ``models`` (SD 1.x or SDXL) as one original-layout checkpoint at ``path``, tensor by
+    tensor (no copy of the model in ``dtype`` exists at once)."""
+    from .ldm_checkpoint import ldm_state_dict, single_file_problem
+    from .safetensors_writer import write_safetensors
 
-    # SD 2.x keeps an OpenCLIP text encoder (1024 wide, plain gelu) under another key layout.
-    te_config = models.text_encoder.config
-    sd2 = models.kind == "sd" and (te_config.hidden_size == 1024 or te_config.hidden_act == "gelu")
-    if sd2 or models.kind not in ("sd", "sdxl"):
-        raise UserError(
-            "--single-file: only SD 1.x (OpenAI CLIP text encoder) and SDXL models can be written as one file so "
-            "far; use the diffusers folder for this model."
-        )
+    problem = single_file_problem(models)
+    if problem is not None:
+        raise UserError(f"--single-file: {problem}.")
     if path.suffix != ".safetensors":
         raise UserError(f"--single-file {path}: give a .safetensors path")
     state = ldm_state_dict(
@@ -236,10 +224,9 @@ def write_single_file(models, path: Path, dtype) -> Path:
         models.vae.state_dict(), dict(models.vae.config),
         text_encoder_state(models.text_encoder),
         text_encoder_state(models.text_encoder_2) if models.kind == "sdxl" else None,
+        deferred=True,
     )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(state, path, dtype)
-    return path
+    return write_safetensors(path, state, dtype=dtype, metadata={"format": "pt"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the model family (sd, sdxl, flux, ...); default: detected from model_index.json")
     parser.add_argument(
         "--lora", required=True, action="append", metavar="FILE[:WEIGHT]",
-        help="a LoRA .safetensors (kohya or PEFT layout), optionally with a weight (default 1.0); repeat for several",
+        help="a LoRA, DoRA, LoHa or LoKr .safetensors (kohya, PEFT or LyCORIS layout), optionally with a weight "
+             "(default 1.0); repeat for several",
     )  # fmt: skip
     parser.add_argument("--out", required=True, help="the new diffusers folder (must not exist or be empty)")
     parser.add_argument("--single-file", help="also write one original-layout .safetensors checkpoint (SD 1.x, SDXL)")

@@ -20,12 +20,14 @@ import torch
 from torch import nn
 
 from hcp_core.errors import ConfigError, UserError
+from hcp_core.export_names import export_file_name
 from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.layer_select import LayerSelectionError, compile_pattern, model_modules, select_layers
 
 from .config import LoraGroupConfig, LoraOptions
-from .layer import LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
-from .lora_file import LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
+from .dora import DoraBranch
+from .layer import BRANCH_ATTR, LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
+from .lora_file import KOHYA_WRITERS, LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
 from .naming import BASE_MODEL_VERSIONS, canonical_path, default_format, is_transformer_family, kohya_prefix
 from .svd import export_factors, max_svd_rank, restore_svd_start, svd_init
 from .weights import ExportLayer, LoraWeights
@@ -46,31 +48,44 @@ class LoraLayer:
     name: str  # native module path in its model part
     group: str  # "lora_unet[0]"
     host: nn.Module
-    branch: LoraBranch
+    branch: nn.Module  # a LoraBranch, or another adapter's branch (LoHa, LoKr)
 
 
-def lora_file_name(step: Optional[int]) -> str:
-    """``lora.safetensors`` for the final export, ``lora-<step>.safetensors`` for checkpoints."""
-    return FINAL_NAME if step is None else f"lora-{step}.safetensors"
+def lora_file_name(step: Optional[int], context: Optional[AdapterContext] = None) -> str:
+    """``lora.safetensors`` for the final export, ``lora-<step>.safetensors`` for checkpoints;
+    ``<output_name>[-<step>].safetensors`` when the pipeline sets ``output_name``."""
+    return export_file_name(context, FINAL_NAME.removesuffix(".safetensors"), step)
 
 
-def options_from(value: Any) -> LoraOptions:
-    """Structure the ``[lora]`` table (a mapping, a LoraOptions or None) with dotted-path errors."""
+def options_from(value: Any, cls: type = LoraOptions, section: str = "lora") -> Any:
+    """Structure the ``[lora]`` table (or another adapter's ``cls`` table named ``section``: a
+    mapping, a ``cls`` or None) with dotted-path errors."""
     if value is None:
-        return LoraOptions()
-    if isinstance(value, LoraOptions):
+        return cls()
+    if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise ConfigError(f"lora: expected a table, got {value!r}")
+        raise ConfigError(f"{section}: expected a table, got {value!r}")
     from hcp_core.config import convert
     from hcp_core.registry import Registry
 
     # LoraOptions names no component, so an empty registry structures it (no process-wide state).
-    return convert.structure(convert.make_converter(Registry()), dict(value), LoraOptions, "lora")
+    return convert.structure(convert.make_converter(Registry()), dict(value), cls, section)
 
 
 class LoraAdapter:
-    """See the module docstring; the methods are the Adapter protocol plus :meth:`detach`."""
+    """See the module docstring; the methods are the Adapter protocol plus :meth:`detach`.
+
+    Subclasses (the LyCORIS adapter) reuse layer selection, seeding, state and export by
+    overriding :attr:`section_names`, :meth:`_make_branch`, :meth:`_read_file` and the export.
+    """
+
+    #: Pipeline section of each model part, for messages.
+    section_names: Mapping[str, str] = SECTIONS
+    #: The ``context.extra`` key of the options table.
+    options_key = "lora"
+    #: What messages call the adapter.
+    noun = "LoRA"
 
     def __init__(
         self,
@@ -81,12 +96,15 @@ class LoraAdapter:
     ) -> None:
         self.sections = {target: list(groups) for target, groups in sections.items() if groups}
         self.context = context
-        self.options = options_from(options if options is not None else context.extra.get("lora"))
+        self.options = self._options(options if options is not None else context.extra.get(self.options_key))
         self.layers: Dict[str, LoraLayer] = {}  # "<part>.<path>" -> layer
         self._patterns: Dict[str, List[str]] = {}  # "lora_unet[0]" -> the layer patterns it used
         self._files: Dict[str, LoraFile] = {}
         self._kind = "sd"
         self._transformer_family = False
+
+    def _options(self, value: Any) -> Any:
+        return options_from(value)
 
     # ------------------------------------------------------------------ attach
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
@@ -95,7 +113,7 @@ class LoraAdapter:
         On an error nothing stays attached.
         """
         if self.layers:
-            raise RuntimeError("this LoRA adapter is already attached")
+            raise RuntimeError("this adapter is already attached")
         self._kind = getattr(models, "kind", "sd") or "sd"
         self._transformer_family = is_transformer_family(models)
         self._check_format(models)
@@ -103,7 +121,7 @@ class LoraAdapter:
         seeded_from: Dict[str, set] = {}  # init_from file -> layers taken from it
         try:
             for target, groups in self.sections.items():
-                section = SECTIONS.get(target, target)
+                section = self.section_names.get(target, target)
                 try:
                     model = models.part(target)
                 except ValueError as exc:
@@ -122,14 +140,25 @@ class LoraAdapter:
 
     def _check_format(self, models: ModelBundle) -> None:
         """Refuse a file layout this model's LoRA cannot be written in, before anything is attached."""
+        if self.file_format == "peft":
+            for target, groups in self.sections.items():
+                if len({bool(g.dora) for g in groups}) > 1:
+                    raise UserError(
+                        f"{SECTIONS.get(target, target)}: some groups set dora = true and some do not; the PEFT layout "
+                        "(diffusers) holds one DoRA setting per model part, so set dora the same in every group of "
+                        "this part, or write format = \"kohya\""
+                    )
         if not self._transformer_family:
             return
-        if self.options.format == "kohya":
+        if self.options.format == "kohya" and self._kind not in KOHYA_WRITERS:
             raise UserError(
-                f"[lora] format = \"kohya\": hcp writes kohya's SD/SDXL layout only; for this {self._kind} model "
-                "(a diffusion transformer) write format = \"peft\" or leave format out: diffusers' layout, which "
-                "FluxPipeline / StableDiffusion3Pipeline.load_lora_weights and hcp read"
+                f"[lora] format = \"kohya\": hcp writes kohya's layout for SD, SDXL and FLUX only; for this {self._kind} "
+                "model (a diffusion transformer) write format = \"peft\" or leave format out: diffusers' layout, which "
+                "StableDiffusion3Pipeline.load_lora_weights, ComfyUI and hcp read"
             )
+        if self.options.format == "kohya" and any(g.dora for groups in self.sections.values() for g in groups):
+            raise UserError(f"[lora] format = \"kohya\": the kohya layout of this {self._kind} model fuses layers and "
+                            "holds plain LoRA only, not DoRA; write format = \"peft\" or leave format out")
         # diffusers' FLUX and SD3 pipelines load LoRA for the transformer and the CLIP encoders only.
         for target in self.sections:
             module = getattr(models, target, None)
@@ -142,8 +171,19 @@ class LoraAdapter:
 
     @property
     def file_format(self) -> str:
-        """The layout files are written in: ``[lora] format``, or the model family's usual one."""
+        """The layout files are written in: ``[lora] format``, or the model family's usual one
+        (for an SD/SDXL run with DoRA, the peft layout diffusers loads as DoRA; see :meth:`export`)."""
+        if self._dora_companion():
+            return "peft"
         return self.options.format or default_format(self._transformer_family)
+
+    def _dora_companion(self) -> bool:
+        """True when ``format`` is left out on SD/SDXL and DoRA groups can be written in both layouts:
+        ``lora.safetensors`` in the peft layout (diffusers reads DoRA only there) and
+        ``lora.kohya.safetensors`` in the kohya one (webui, ComfyUI)."""
+        dora = [{bool(getattr(g, "dora", False)) for g in groups} for groups in self.sections.values()]
+        return (self.options.format is None and not self._transformer_family and any(True in d for d in dora)
+                and all(len(d) == 1 for d in dora))  # peft: one DoRA setting per part
 
     def _attach_group(
         self, label: str, group: LoraGroupConfig, target: str, model: nn.Module,
@@ -168,17 +208,22 @@ class LoraAdapter:
                     "a layer carries one LoRA, so narrow one group's layers"
                 )
             owner[name] = label
-            if group.svd_init and host.weight.requires_grad and (target, name) not in seed:
+            if getattr(group, "svd_init", False) and host.weight.requires_grad and (target, name) not in seed:
                 # svd_init rewrites the host weight; a fine-tune group exporting it would then save
                 # the reduced weight instead of the trained one.
                 raise UserError(
                     f"{label}: svd_init on layer '{name}', whose weight is also trained (a fine-tune group "
                     "selects it); drop svd_init for this group or leave the layer out of the fine-tune group"
                 )
+            if BRANCH_ATTR in host._modules:  # another adapter (LoRA / LyCORIS) put its branch here first
+                raise LayerSelectionError(
+                    f"{label}.layers: layer '{name}' already carries a branch of another adapter section "
+                    "([[lora_*]] / [[lycoris_*]] select it too); a layer carries one adapter, so narrow one section's layers"
+                )
             branch = self._make_branch(target, name, host, group, seed.get((target, name)))
             attach_branch(host, branch)
             self.layers[f"{target}.{name}"] = LoraLayer(target, name, label, host, branch)
-            params += [branch.down.weight, branch.up.weight]
+            params += list(branch.parameters())
         return params
 
     def _layer_patterns(self, label: str, group: LoraGroupConfig, target: str, model: nn.Module) -> List[str]:
@@ -203,8 +248,8 @@ class LoraAdapter:
     def _make_branch(
         self, target: str, name: str, host: nn.Module, group: LoraGroupConfig, seed: Optional[LoraWeights]
     ) -> LoraBranch:
-        if seed is not None:  # continue from a file: its rank and alpha win
-            branch = LoraBranch(host, seed.rank, seed.alpha, group.dropout, cap=False)
+        if seed is not None:  # continue from a file: its rank and alpha (and DoRA magnitude) win
+            branch = self._seeded_branch(host, group, seed, f"{target}.{name}")
             with torch.no_grad():
                 branch.down.weight.copy_(seed.down)
                 branch.up.weight.copy_(seed.up)
@@ -212,13 +257,32 @@ class LoraAdapter:
             rank = rank_for(group.rank, host.weight.shape[0])
             if group.svd_init:
                 rank = min(rank, max_svd_rank(host))
-            branch = LoraBranch(host, rank, group.alpha, group.dropout)
+            kind = DoraBranch if group.dora else LoraBranch
+            branch = kind(host, rank, group.alpha, group.dropout)
             if group.svd_init:
                 svd_init(host, branch)
             else:
                 branch.reset(self._generator(f"{target}.{name}"))
         branch.requires_grad_(True)  # the engine may have frozen the whole model before attach
         return branch
+
+    def _seeded_branch(self, host: nn.Module, group: LoraGroupConfig, seed: LoraWeights, name: str) -> LoraBranch:
+        """The branch a file's layer continues as: DoRA when the file's layer is DoRA, or when the
+        group asks for it (its magnitude then starts as ``||W + dW||``: the file's model unchanged)."""
+        if seed.magnitude is not None and seed.axis != "output":
+            raise UserError(
+                f"init_from: layer '{name}' normalises DoRA per input channel (LyCORIS wd_on_output = false); "
+                "hcp trains DoRA per output channel, so it can merge this file (hcp generate --lora, merge-lora) "
+                "but not continue training it"
+            )
+        if seed.magnitude is None and not group.dora:
+            return LoraBranch(host, seed.rank, seed.alpha, group.dropout, cap=False)
+        magnitude = seed.magnitude
+        if magnitude is None:
+            from .dora import channel_norm
+
+            magnitude = channel_norm(host.weight.detach().float() + seed.delta().to(host.weight.device))
+        return DoraBranch(host, seed.rank, seed.alpha, group.dropout, cap=False, magnitude=magnitude)
 
     def _generator(self, name: str) -> torch.Generator:
         # Per-layer seeds: a layer's start does not depend on which other layers were chosen.
@@ -232,17 +296,25 @@ class LoraAdapter:
         path = self._resolve(group.init_from or "")
         if path not in self._files:
             try:
-                self._files[path] = read_lora_file(path)
+                self._files[path] = self._read_file(path)
             except UserError as exc:
                 raise UserError(f"{label}.init_from: {exc}") from None
         lora = self._files[path]
-        layers = match_layers(_only_target(lora, target, self._kind), {target: model}, self._kind)
+        layers = self._match_file(lora, target, model)
         if not layers:
             raise UserError(
                 f"{label}.init_from: {path} holds no LoRA weights for the {target} "
                 f"(its layers: {', '.join(list(lora.weights)[:3])}, ...)"
             )
         return layers
+
+    def _read_file(self, path: str) -> Any:
+        """The file an ``init_from`` names (its ``weights`` by the file's own layer names)."""
+        return read_lora_file(path)
+
+    def _match_file(self, lora: Any, target: str, model: nn.Module) -> LayerWeights:
+        """The layers of ``lora`` that belong to ``target``, by (part, native path)."""
+        return match_layers(_only_target(lora, target, self._kind), {target: model}, self._kind)
 
     def _warn_unused(self, seeded_from: Mapping[str, set]) -> None:
         for path, used in seeded_from.items():
@@ -255,13 +327,14 @@ class LoraAdapter:
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        """``<part>.<path>.lora_down.weight`` / ``.lora_up.weight`` (and svd_init's starting factors)."""
+        """``<part>.<path>.lora_down.weight`` / ``.lora_up.weight`` (the branch's
+        ``state_tensors``: DoRA adds ``.dora_scale``; svd_init its starting factors)."""
         state: Dict[str, torch.Tensor] = {}
         for key, layer in self.layers.items():
             b = layer.branch
-            state[f"{key}.lora_down.weight"] = b.down.weight.detach()
-            state[f"{key}.lora_up.weight"] = b.up.weight.detach()
-            if b.svd_down0 is not None:
+            for suffix, tensor in b.state_tensors().items():
+                state[f"{key}.{suffix}"] = tensor.detach()
+            if getattr(b, "svd_down0", None) is not None:
                 state[f"{key}.svd_down0"] = b.svd_down0
                 state[f"{key}.svd_up0"] = b.svd_up0
         return state
@@ -278,14 +351,14 @@ class LoraAdapter:
                 if keys:
                     parts.append(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
             raise UserError(
-                "the checkpoint's LoRA does not match this pipeline's LoRA groups (" + "; ".join(parts) + ")"
+                f"the checkpoint's {self.noun} does not match this pipeline's {self.noun} groups (" + "; ".join(parts) + ")"
             )
         with torch.no_grad():
             for key, layer in self.layers.items():
                 b = layer.branch
-                b.down.weight.copy_(state[f"{key}.lora_down.weight"])
-                b.up.weight.copy_(state[f"{key}.lora_up.weight"])
-                if b.svd_down0 is not None:
+                for suffix, tensor in b.state_tensors().items():
+                    tensor.copy_(state[f"{key}.{suffix}"])
+                if getattr(b, "svd_down0", None) is not None:
                     restore_svd_start(layer.host, b, state[f"{key}.svd_down0"], state[f"{key}.svd_up0"])
 
     # ------------------------------------------------------------------ export
@@ -295,17 +368,23 @@ class LoraAdapter:
         for layer in self.layers.values():
             down, up, alpha = export_factors(layer.branch)
             path = canonical_path(layer.target, models.part(layer.target), layer.name)
-            out.append(ExportLayer(layer.target, path, LoraWeights(down, up, alpha)))
+            magnitude = layer.branch.magnitude.detach().float() if isinstance(layer.branch, DoraBranch) else None
+            out.append(ExportLayer(layer.target, path, LoraWeights(down, up, alpha, magnitude)))
         return out
 
     def export(self, models: ModelBundle, out_dir: str, step: Optional[int]) -> List[str]:
         """Write ``lora.safetensors`` (``step`` None) or ``lora-<step>.safetensors`` into ``out_dir``."""
         layers = self.export_layers(models)
-        path = os.path.join(out_dir, lora_file_name(step))
+        path = os.path.join(out_dir, lora_file_name(step, self.context))
         meta = self.metadata(models, layers, step)
         opts = self.options
         write_lora_file(path, layers, fmt=self.file_format, kind=self._kind, metadata=meta, dtype=opts.save_dtype)
-        return [path]
+        if not self._dora_companion():
+            return [path]
+        kohya = os.path.join(out_dir, export_file_name(self.context, "lora", step, suffix=".kohya.safetensors"))
+        write_lora_file(kohya, layers, fmt="kohya", kind=self._kind, metadata={**meta, "hcp_format": "kohya"},
+                        dtype=opts.save_dtype)  # fmt: skip
+        return [path, kohya]
 
     def metadata(self, models: ModelBundle, layers: Sequence[ExportLayer], step: Optional[int]) -> Dict[str, str]:
         """kohya's ``ss_*`` training facts plus hcp's own ``hcp_*`` notes (all strings)."""
@@ -336,7 +415,12 @@ class LoraAdapter:
             meta["ss_steps"] = str(steps)
         if "max_steps" in ctx.extra:
             meta["ss_max_train_steps"] = str(ctx.extra["max_steps"])
-        svd_layers = [l for l in self.layers.values() if l.branch.svd_down0 is not None]
+        dora = sum(isinstance(l.branch, DoraBranch) for l in self.layers.values())
+        if dora:  # how LyCORIS (through kohya's sd-scripts) names a DoRA run
+            meta["ss_network_module"] = "lycoris.kohya"
+            meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+            meta["hcp_dora"] = f"{dora} layer(s) are DoRA: W' = dora_scale * (W + dW) / ||W + dW||, norm per output channel"
+        svd_layers = [l for l in self.layers.values() if getattr(l.branch, "svd_down0", None) is not None]
         if svd_layers:
             meta["hcp_svd_init"] = (
                 f"{len(svd_layers)} layer(s) used svd_init; each is stored relative to the original base weights "
@@ -349,12 +433,13 @@ class LoraAdapter:
         out = []
         for target, groups in self.sections.items():
             for i, g in enumerate(groups):
-                label = f"{SECTIONS.get(target, target)}[{i}]"
-                out.append({
-                    "section": label, "rank": g.rank, "alpha": g.alpha,
-                    "svd_init": g.svd_init, "layers": self._patterns.get(label, list(g.layers or ())),
-                })
+                label = f"{self.section_names.get(target, target)}[{i}]"
+                out.append({"section": label, **self._group_facts(g), "layers": self._patterns.get(label, list(g.layers or ()))})
         return out
+
+    def _group_facts(self, group: Any) -> Dict[str, Any]:
+        """What ``hcp_groups`` metadata records of one group besides its section and layers."""
+        return {"rank": group.rank, "alpha": group.alpha, "svd_init": group.svd_init, "dora": group.dora}
 
     # ------------------------------------------------------------------ detach
     def detach(self) -> None:

@@ -57,6 +57,11 @@ def _check_init_from(inst: Any, attribute: attrs.Attribute, value: Optional[str]
         fail(attribute, f"must be a .safetensors LoRA file, got {value!r}")
 
 
+def _check_dora(inst: Any, attribute: attrs.Attribute, value: bool) -> None:
+    if value and inst.svd_init:
+        fail(attribute, "dora = true cannot be combined with svd_init = true in one group; drop one of them")
+
+
 @attrs.define
 class LoraGroupConfig:
     """One LoRA group: which layers get a LoRA, its rank and scale, and its learning rate.
@@ -81,6 +86,9 @@ class LoraGroupConfig:
     #: A LoRA .safetensors file (kohya or PEFT layout) whose weights seed this group's layers;
     #: those layers take the file's rank and alpha. Relative to the pipeline's folder.
     init_from: Optional[str] = attrs.field(default=None, validator=_check_init_from)
+    #: DoRA: the layer's weight becomes ``m * (W + dW) / ||W + dW||`` (norm per output channel)
+    #: with a trained magnitude ``m`` that starts as ``||W||``. See docs/lora.md.
+    dora: bool = attrs.field(default=False, validator=_check_dora)
 
 
 @attrs.define
@@ -89,7 +97,9 @@ class LoraOptions:
 
     #: "kohya" (webui/ComfyUI/diffusers keys) or "peft" (diffusers' own PEFT layout). Left out: the
     #: model family's usual layout, "kohya" for SD/SDXL and "peft" for diffusion transformers
-    #: (FLUX, SD3), whose kohya layout hcp does not write.
+    #: (FLUX, SD3). FLUX's kohya layout (BFL names, fused qkv) is written on request; SD3's is not.
+    #: An SD/SDXL run with DoRA groups writes both when it is left out (peft as lora.safetensors,
+    #: kohya as lora.kohya.safetensors; see docs/lora.md#dora).
     format: Optional[str] = attrs.field(default=None, validator=one_of(EXPORT_FORMATS))
     #: Tensor type of the exported file.
     save_dtype: str = attrs.field(default="float32", validator=one_of(SAVE_DTYPES))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -130,6 +130,10 @@ class LoraBranch(nn.Module):
         """``scale * up @ down`` shaped like the host weight, in float32."""
         return delta_from_factors(self.down.weight, self.up.weight, self.scale)
 
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        """The trained tensors by the suffix checkpoints store them under (live parameters)."""
+        return {"lora_down.weight": self.down.weight, "lora_up.weight": self.up.weight}
+
 
 def delta_from_factors(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * up @ down`` for Linear (2-D) or Conv2d (4-D, ``up`` 1x1) factors, in float32."""
@@ -140,25 +144,31 @@ def delta_from_factors(down: torch.Tensor, up: torch.Tensor, scale: float) -> to
 
 def _add_branch_output(host: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     branch = getattr(host, BRANCH_ATTR)
-    return output + branch(inputs[0]).to(output.dtype)
+    # A branch that needs the host's weight or output (DoRA, LoHa, LoKr) says so with ``needs_host``.
+    change = branch(inputs[0], host, output) if getattr(branch, "needs_host", False) else branch(inputs[0])
+    return output + change.to(output.dtype)
 
 
-def attach_branch(host: nn.Module, branch: LoraBranch) -> None:
-    """Put ``branch`` into ``host``: its output is added to the host's from now on."""
+def attach_branch(host: nn.Module, branch: nn.Module) -> None:
+    """Put ``branch`` into ``host``: its output is added to the host's from now on.
+
+    Any adapter branch works: ``branch(x)``, or ``branch(x, host, output)`` when the branch sets
+    ``needs_host = True``, returns what is added to the host's output.
+    """
     if BRANCH_ATTR in host._modules:
         raise ValueError(f"this {type(host).__name__} already has a LoRA branch")
     host.add_module(BRANCH_ATTR, branch)
     host.register_forward_hook(_add_branch_output)
 
 
-def detach_branch(host: nn.Module) -> LoraBranch:
+def detach_branch(host: nn.Module) -> nn.Module:
     """Take the branch out of ``host`` (undoing any svd_init reduction of the host weight)."""
     branch = host._modules.pop(BRANCH_ATTR)
     # Found by identity rather than kept as a handle, so copies of the model detach correctly.
     for hook_id, hook in list(host._forward_hooks.items()):
         if hook is _add_branch_output:
             del host._forward_hooks[hook_id]
-    if branch.svd_down0 is not None:
+    if getattr(branch, "svd_down0", None) is not None:
         with torch.no_grad():
             restored = host.weight.float() + delta_from_factors(branch.svd_down0, branch.svd_up0, branch.scale)
             host.weight.copy_(restored.to(host.weight.dtype))

@@ -12,7 +12,7 @@ from torch import nn
 from hcp_core.errors import UserError, did_you_mean
 from hcp_core.fileio import atomic_write
 
-from . import kohya_format, peft_format
+from . import flux_kohya, kohya_format, peft_format
 from .naming import dotted_table, kohya_table
 from .weights import ExportLayer, LoraWeights
 
@@ -43,23 +43,8 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     :func:`validate_lora_layer`): a broken file is a :class:`LoraFileError` naming it and the
     key, never a traceback or a NaN image.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     path = str(path)
-    if not os.path.isfile(path):
-        raise LoraFileError(f"LoRA file not found: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise LoraFileError(
-            f"{path}: not a readable .safetensors file ({str(exc).strip() or type(exc).__name__}); "
-            "it may be truncated, or another format (LoRA files are .safetensors): download or export it again"
-        ) from None
-    validate_lora_tensors(path, tensors)
-    tensors = {k: v.float() for k, v in tensors.items()}
+    metadata, tensors = read_adapter_tensors(path)
     if kohya_format.is_kohya(tensors):
         layout, parse = "kohya", lambda: kohya_format.from_kohya(tensors, source=path)
         keys = (kohya_format.DOWN, kohya_format.UP)
@@ -77,6 +62,27 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     for name, layer in weights.items():
         validate_lora_layer(path, name, layer, down_key=name + keys[0], up_key=name + keys[1])
     return LoraFile(path, layout, weights, metadata)
+
+
+def read_adapter_tensors(path: str, what: str = "LoRA") -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """(metadata, float32 tensors) of an adapter ``.safetensors`` file, checked by
+    :func:`validate_lora_tensors`; a missing or unreadable file is a :class:`LoraFileError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    if not os.path.isfile(path):
+        raise LoraFileError(f"{what} file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise LoraFileError(
+            f"{path}: not a readable .safetensors file ({str(exc).strip() or type(exc).__name__}); "
+            f"it may be truncated, or another format ({what} files are .safetensors): download or export it again"
+        ) from None
+    validate_lora_tensors(path, tensors)
+    return metadata, {k: v.float() for k, v in tensors.items()}
 
 
 def validate_lora_tensors(source: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -120,6 +126,11 @@ def validate_lora_layer(source: str, name: str, weights: LoraWeights, *, down_ke
         )
     if not math.isfinite(weights.alpha):
         raise LoraFileError(f"{source}: layer '{name}' has alpha = {weights.alpha}; alpha must be a finite number")
+    if weights.magnitude is not None:
+        channels = up[0] if weights.axis == "output" else down[1]
+        if weights.magnitude.numel() != channels:
+            raise LoraFileError(f"{source}: layer '{name}' has a DoRA magnitude of {weights.magnitude.numel()} values "
+                                f"but {channels} {weights.axis} channels")
 
 
 def match_layers(lora: LoraFile, parts: Mapping[str, nn.Module], kind: str = "sd") -> LayerWeights:
@@ -128,6 +139,12 @@ def match_layers(lora: LoraFile, parts: Mapping[str, nn.Module], kind: str = "sd
     A module the model does not have, or whose shape differs, is an error naming it: applying
     half a LoRA silently is worse than not applying it.
     """
+    reader = KOHYA_READERS.get(kind) if lora.layout == "kohya" else None
+    if reader is not None:  # a family whose kohya names are not SD's (FLUX: BFL's, fused): to dotted names
+        try:
+            lora = LoraFile(lora.path, "peft", reader(lora.weights, parts, lora.path), lora.metadata)
+        except ValueError as exc:
+            raise LoraFileError(str(exc)) from None
     table = kohya_table(parts, kind) if lora.layout == "kohya" else dotted_table(parts)
     out: LayerWeights = {}
     for name, weights in lora.weights.items():
@@ -150,6 +167,12 @@ def _check_shape(source: str, name: str, host: nn.Module, weights: LoraWeights) 
         raise LoraFileError(f"{source}: layer '{name}' has shape {got} but the model's layer is {expected}")
 
 
+#: Model kinds whose kohya layout is not SD/SDXL's: kind -> writer ``(layers, kind) -> tensors``.
+KOHYA_WRITERS = {"flux": flux_kohya.to_flux_kohya}
+#: ... and their readers: kind -> ``(layers by kohya name, model parts, source) -> layers by <part>.<path>``.
+KOHYA_READERS = {"flux": flux_kohya.split_flux_kohya}
+
+
 def write_lora_file(
     path: str | os.PathLike,
     layers: Iterable[ExportLayer],
@@ -164,15 +187,13 @@ def write_lora_file(
     Layers of a diffusion transformer (``transformer``) or a T5 encoder have no kohya (SD/SDXL)
     name: ``fmt="kohya"`` is a ``ValueError`` for them.
     """
-    from safetensors.torch import save_file
-
     layers = list(layers)
     if not layers:
         raise ValueError("no LoRA layers to write")
     meta: Dict[str, str] = {"format": "pt", **(metadata or {})}
     if fmt == "kohya":
         try:
-            tensors = kohya_format.to_kohya(layers, kind)
+            tensors = KOHYA_WRITERS.get(kind, kohya_format.to_kohya)(layers, kind)
         except ValueError as exc:  # a transformer / T5 layer: kohya's SD layout has no name for it
             raise ValueError(f"{exc}; write such LoRA layers with fmt='peft' (diffusers' layout)") from None
     elif fmt == "peft":
@@ -180,12 +201,19 @@ def write_lora_file(
         meta.update(extra)
     else:
         raise ValueError(f"unknown LoRA file format {fmt!r}")
+    return save_adapter_tensors(path, tensors, meta, dtype)
+
+
+def save_adapter_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                         dtype: str = "float32") -> str:  # fmt: skip
+    """Write an adapter file: tensors in ``dtype`` (scalars float32), ``metadata``, atomically; its path."""
+    from safetensors.torch import save_file
+
     torch_dtype = DTYPES[dtype]
     # Scalars (kohya's alpha) stay float32: a half-precision alpha would shift the scale.
-    tensors = {
-        k: v.detach().to("cpu", torch_dtype if v.dim() else torch.float32).contiguous() for k, v in tensors.items()
-    }
+    cpu = {k: v.detach().to("cpu", torch_dtype if v.dim() else torch.float32).contiguous() for k, v in tensors.items()}
+    meta = {"format": "pt", **metadata}
     path = str(path)
     # Never a half-written file under the final name; mode 0644 under umask 022.
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
     return path

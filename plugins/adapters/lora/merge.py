@@ -5,12 +5,12 @@ Used to apply a LoRA at generation time (no extra cost per step) and by ``hcp to
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torch import nn
 
-from .lora_file import LayerWeights, match_layers, read_lora_file
+from .lora_file import match_layers, read_lora_file
 
 TARGETS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -22,12 +22,21 @@ def bundle_parts(models: Any) -> Dict[str, nn.Module]:
     return {t: getattr(models, t) for t in TARGETS if getattr(models, t, None) is not None}
 
 
-def merge_layers(parts: Mapping[str, nn.Module], layers: LayerWeights, weight: float = 1.0) -> None:
-    """Add ``weight`` times each layer's LoRA update to its host weight (computed in float32)."""
+def bundle_kind(models: Any, parts: Mapping[str, nn.Module]) -> str:
+    """The model family kind ("sd", "sdxl", "flux", ...) of a bundle, or guessed from a mapping's parts."""
+    return getattr(models, "kind", None) or ("sdxl" if "text_encoder_2" in parts and "transformer" not in parts else "sd")
+
+
+def merge_layers(parts: Mapping[str, nn.Module], layers: Mapping[Tuple[str, str], Any], weight: float = 1.0) -> None:
+    """Add ``weight`` times each layer's update to its host weight (computed in float32).
+
+    A layer's weights give the update by ``delta_for(host_weight)`` (LoRA, DoRA, LoHa, LoKr): at
+    ``weight`` w a DoRA layer becomes ``W + w * (W' - W)``, as webui and ComfyUI apply strength.
+    """
     with torch.no_grad():
         for (target, path), lora in layers.items():
             host = parts[target].get_submodule(path)
-            delta = lora.delta().to(host.weight.device)
+            delta = lora.delta_for(host.weight).to(host.weight.device)
             host.weight.copy_((host.weight.float() + weight * delta).to(host.weight.dtype))
 
 
@@ -38,7 +47,6 @@ def apply_lora_file(models: Any, path: str | os.PathLike, weight: float = 1.0, k
     ``kind`` ("sd" | "sdxl" | "flux" | "sd3"; it picks kohya names) defaults to the bundle's.
     """
     parts = bundle_parts(models)
-    kind = kind or getattr(models, "kind", None) or ("sdxl" if "text_encoder_2" in parts and "transformer" not in parts else "sd")
-    layers = match_layers(read_lora_file(path), parts, kind)
+    layers = match_layers(read_lora_file(path), parts, kind or bundle_kind(models, parts))
     merge_layers(parts, layers, weight)
     return len(layers)

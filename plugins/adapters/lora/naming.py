@@ -5,7 +5,7 @@ The ``text_model.`` spelling rules (transformers 4 vs 5) are the core's
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -75,16 +75,19 @@ def lora_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield name, module
 
 
-def kohya_table(parts: Mapping[str, nn.Module], kind: str = "sd") -> Dict[str, Tuple[str, str]]:
+def kohya_table(parts: Mapping[str, nn.Module], kind: str = "sd",
+                prefix_of: Optional[Callable[[str, str], str]] = None) -> Dict[str, Tuple[str, str]]:  # fmt: skip
     """kohya module name -> (model part, native path), for every possible LoRA layer.
 
     Underscores make kohya names ambiguous to split, so names are looked up, never parsed. Both
     text encoder spellings are listed (files from tools that wrote the flat one load too).
+    ``prefix_of(target, kind)`` gives each part's prefix (default :func:`kohya_prefix`; LyCORIS
+    files of diffusion transformers use their own).
     """
     table: Dict[str, Tuple[str, str]] = {}
     for target, model in parts.items():
         try:
-            prefix = kohya_prefix(target, kind)
+            prefix = (prefix_of or kohya_prefix)(target, kind)
         except ValueError:  # a part kohya's layout has no names for (a transformer, T5): nothing matches it
             continue
         for name, _ in lora_layers(model):

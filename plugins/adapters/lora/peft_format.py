@@ -28,6 +28,15 @@ from .weights import ExportLayer, LoraWeights
 
 A = ".lora_A.weight"
 B = ".lora_B.weight"
+#: DoRA's magnitude: (out,) for a Linear, (1, out, 1, 1) for a convolution (PEFT's shapes).
+MAGNITUDE = ".lora_magnitude_vector"
+#: The text encoders' spelling: transformers 5 loads a text encoder's adapter by itself and finds
+#: the magnitude only under this name (the plain one is reported UNEXPECTED and left at random).
+TEXT_MAGNITUDE = MAGNITUDE + ".weight"
+
+
+def _magnitude_key(target: str) -> str:
+    return TEXT_MAGNITUDE if target.startswith("text_encoder") else MAGNITUDE
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
@@ -60,7 +69,7 @@ def _lora_config(layers: List[ExportLayer]) -> Dict[str, Any]:
         "rank_pattern": {n: k for n, k in zip(keys, ranks) if k != r},
         "alpha_pattern": {n: a for n, a in zip(keys, alphas) if a != alpha},
         "target_modules": targets,
-        "use_dora": False,
+        "use_dora": any(layer.weights.magnitude is not None for layer in layers),
         "lora_bias": False,
     }
 
@@ -73,6 +82,9 @@ def to_peft(layers: Iterable[ExportLayer]) -> Tuple[Dict[str, torch.Tensor], Dic
         key = f"{layer.target}.{layer.path}"
         tensors[key + A] = layer.weights.down
         tensors[key + B] = layer.weights.up
+        if layer.weights.magnitude is not None:
+            shape = (-1,) if layer.weights.up.dim() == 2 else (1, -1, 1, 1)
+            tensors[key + _magnitude_key(layer.target)] = layer.weights.magnitude.reshape(shape)
         by_target.setdefault(layer.target, []).append(layer)
     config: Dict[str, Any] = {}
     for target, group in by_target.items():
@@ -111,8 +123,10 @@ def from_peft(
         alpha = float(alpha)
         if config.get(f"{target}.use_rslora"):
             alpha = alpha * rank / math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
-        out[name] = LoraWeights(down=down, up=tensors[name + B], alpha=alpha)
-        used.update({key, name + B})
+        magnitude = tensors.get(name + MAGNITUDE, tensors.get(name + TEXT_MAGNITUDE))
+        out[name] = LoraWeights(down=down, up=tensors[name + B], alpha=alpha,
+                                magnitude=None if magnitude is None else magnitude.flatten())
+        used.update({key, name + B, name + MAGNITUDE, name + TEXT_MAGNITUDE})
     other = sorted(k for k in tensors if k not in used)
     if other:
         raise UserError(f"{source}: keys that are not LoRA A/B weights: {', '.join(repr(k) for k in other[:5])}")

@@ -144,3 +144,39 @@ def atomic_write(path: PathLike, writer: Callable[[str], None], *, durable: bool
             raise friendly from exc
         raise
     return target
+
+
+def atomic_folder(path: PathLike, writer: Callable[[Path], None]) -> Path:
+    """Write the folder ``path`` by calling ``writer(tmp_folder)``, then rename it into place.
+
+    The temporary folder (``.<name>.tmp-<random>`` beside ``path``) is removed on any error, so
+    ``path`` either is complete or is as it was; an existing ``path`` is replaced only once the new
+    one is complete (renamed aside, then deleted). Disk errors become :class:`FileWriteError`
+    naming ``path``, as in :func:`atomic_write`. Returns ``path``.
+    """
+    import shutil
+
+    target = Path(path)
+    tmp: Optional[Path] = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent)))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; others on the server may read runs
+        writer(tmp)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=str(target.parent)))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_folder(str(target.parent))
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        friendly = write_error(target, exc) if isinstance(exc, Exception) else None
+        if friendly is not None:
+            raise friendly from exc
+        raise
+    return target

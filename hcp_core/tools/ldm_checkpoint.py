@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -160,9 +160,16 @@ _OPEN_CLIP_RULES = [
 _QKV = re.compile(r"(text_model\.encoder\.layers\.\d+\.self_attn)\.([qkv])_proj\.(weight|bias)")
 
 
-def _fuse_qkv(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """OpenCLIP's attention keeps q, k and v as one ``in_proj`` matrix (rows q, then k, then v)."""
-    out: Dict[str, torch.Tensor] = {}
+#: A tensor, or (``deferred``) a zero-argument callable making it when a writer needs it.
+Deferrable = Union[torch.Tensor, Callable[[], torch.Tensor]]
+
+
+def _fuse_qkv(state: Mapping[str, torch.Tensor], deferred: bool = False) -> Dict[str, Deferrable]:
+    """OpenCLIP's attention keeps q, k and v as one ``in_proj`` matrix (rows q, then k, then v).
+
+    ``deferred``: each fused matrix is a callable that makes it (a streaming writer then holds one
+    at a time instead of a copy of every attention layer)."""
+    out: Dict[str, Deferrable] = {}
     parts: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = _QKV.fullmatch(key)
@@ -173,23 +180,27 @@ def _fuse_qkv(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for (attn, kind), qkv in parts.items():
         if sorted(qkv) != ["k", "q", "v"]:
             raise LdmLayoutError(f"single-file export: {attn} lacks a {kind} for one of q, k, v (has {sorted(qkv)})")
-        out[f"{attn}.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+        parts_in_order = [qkv["q"], qkv["k"], qkv["v"]]
+        fuse = lambda parts=parts_in_order: torch.cat(parts)  # noqa: E731
+        out[f"{attn}.in_proj_{kind}"] = fuse if deferred else fuse()
     return out
 
 
-def text_encoder_2_to_open_clip(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def text_encoder_2_to_open_clip(state: Mapping[str, torch.Tensor], deferred: bool = False) -> Dict[str, Deferrable]:
     """A CLIPTextModelWithProjection state dict (``text_model.*``, ``text_projection.weight``) in OpenCLIP names.
 
     OpenCLIP multiplies by ``text_projection`` on the right (``x @ P``), so it stores the
     transpose of the Linear layer's weight. ``logit_scale`` is added (see OPEN_CLIP_LOGIT_SCALE).
+    ``deferred``: fused q/k/v matrices are callables (see :func:`_fuse_qkv`), the projection a view.
     """
     if "text_projection.weight" not in state:
         raise LdmLayoutError(
             "single-file export: SDXL's second text encoder needs its text_projection (CLIPTextModelWithProjection)"
         )
-    out = _convert(_fuse_qkv(state), _OPEN_CLIP_RULES, "second text encoder")
-    out["text_projection"] = out["text_projection"].t().contiguous()
-    out["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=out["text_projection"].dtype)
+    out = _convert(_fuse_qkv(state, deferred), _OPEN_CLIP_RULES, "second text encoder")
+    projection = out["text_projection"].t()
+    out["text_projection"] = projection if deferred else projection.contiguous()
+    out["logit_scale"] = torch.tensor(OPEN_CLIP_LOGIT_SCALE, dtype=projection.dtype)
     return out
 
 
@@ -204,11 +215,16 @@ def ldm_state_dict(
     vae_config: Mapping[str, Any],
     text_state: Mapping[str, torch.Tensor],
     text_2_state: Optional[Mapping[str, torch.Tensor]] = None,
-) -> Dict[str, torch.Tensor]:
+    *,
+    deferred: bool = False,
+) -> Dict[str, Deferrable]:
     """The whole original-layout checkpoint: SD 1.x's (ldm), or SDXL's (SGM) when ``text_2_state`` is given.
 
     ``text_state`` is the (first) text encoder's weights with the standard ``text_model.`` keys;
-    ``text_2_state`` is SDXL's second encoder's (CLIPTextModelWithProjection) state dict.
+    ``text_2_state`` is SDXL's second encoder's (CLIPTextModelWithProjection) state dict. Values
+    are the given tensors (or views of them) except SDXL's fused q/k/v: with ``deferred`` those are
+    callables for :func:`hcp_core.tools.safetensors_writer.write_safetensors`, which makes and
+    writes them one at a time (no copy of the model's weights exists at once).
     """
     out = _prefixed(UNET_PREFIX, unet_to_ldm(unet_state, unet_config))
     out.update(_prefixed(VAE_PREFIX, vae_to_ldm(vae_state, vae_config)))
@@ -216,5 +232,19 @@ def ldm_state_dict(
         out.update(_prefixed(TEXT_PREFIX, text_state))
     else:
         out.update(_prefixed(SDXL_TEXT_PREFIX, text_state))
-        out.update(_prefixed(SDXL_TEXT_2_PREFIX, text_encoder_2_to_open_clip(text_2_state)))
+        out.update(_prefixed(SDXL_TEXT_2_PREFIX, text_encoder_2_to_open_clip(text_2_state, deferred)))
     return out
+
+
+def single_file_problem(models: Any) -> Optional[str]:
+    """Why ``models`` (a :class:`~hcp_core.interfaces.ModelBundle`) cannot be written as one
+    original-layout file, or None when it can (SD 1.x with OpenAI CLIP, SDXL)."""
+    if models.kind not in ("sd", "sdxl"):
+        return (f"hcp writes no single-file layout for {models.kind} models (only SD 1.x and SDXL); "
+                "the diffusers folder is complete and loads in diffusers and ComfyUI")
+    # SD 2.x keeps an OpenCLIP text encoder (1024 wide, plain gelu) under another key layout.
+    te_config = models.text_encoder.config
+    if models.kind == "sd" and (te_config.hidden_size == 1024 or te_config.hidden_act == "gelu"):
+        return ("SD 2.x models (OpenCLIP text encoder) have no single-file writer in hcp yet (only SD 1.x and "
+                "SDXL); use the diffusers folder for this model")
+    return None

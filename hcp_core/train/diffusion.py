@@ -6,8 +6,10 @@ they do not depend on batch layout or process count: a 2-process run draws the s
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+import attrs
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # splitmix constant, spreads nearby keys apart
@@ -67,3 +69,46 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: Optional[float], prediction
         return None
     clipped = torch.clamp(snr_values, max=gamma)
     return clipped / (snr_values + 1.0) if prediction_type == "v_prediction" else clipped / snr_values
+
+
+@attrs.frozen
+class TrainingGuidance:
+    """Classifier-free guidance during training (DreamArtist): the loss is taken on
+    ``pred(negative) + scale(t) * (pred(positive) - pred(negative))``.
+
+    A prompt encoder that carries one as its ``guidance`` attribute (prompt tuning sets it) asks
+    the SD family for the negative branch; ``negative_prompts`` turns a batch's prompts into their
+    negative prompts. The scale is ``scale`` at every timestep, or with ``scale_noisy`` moves from
+    ``scale`` at t = 0 to ``scale_noisy`` at t = T - 1 along ``curve`` of r = t / (T - 1):
+    "linear" r, "cos" sin(r * pi / 2), "cos2" 1 - cos(r * pi / 2) (the original toolbox's "ln",
+    "cos" and "cos2").
+    """
+
+    negative_prompts: Callable[[List[str]], List[str]]
+    scale: float
+    scale_noisy: Optional[float] = None
+    curve: str = "linear"
+
+    def scales(self, timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+        """The guidance scale of each sample, float32 ``[B]``."""
+        if self.scale_noisy is None:
+            return torch.full(timesteps.shape, float(self.scale), device=timesteps.device)
+        r = timesteps.float() / (num_train_timesteps - 1)
+        if self.curve == "cos":
+            r = torch.sin(r * math.pi / 2)
+        elif self.curve == "cos2":
+            r = 1 - torch.cos(r * math.pi / 2)
+        elif self.curve != "linear":
+            raise ValueError(f"unknown guidance curve {self.curve!r}")
+        return self.scale + (self.scale_noisy - self.scale) * r
+
+    def negative_batch(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
+        """``batch`` with its prompts replaced by their negative prompts (everything else shared)."""
+        return {**batch, "prompts": self.negative_prompts(list(batch["prompts"]))}
+
+    def combine(self, pred_negative: torch.Tensor, pred_positive: torch.Tensor, timesteps: torch.Tensor,
+                num_train_timesteps: int) -> torch.Tensor:
+        """The guided prediction (gradients reach both branches)."""
+        s = self.scales(timesteps, num_train_timesteps).to(pred_positive.device)
+        s = s.reshape(-1, *([1] * (pred_positive.dim() - 1)))
+        return pred_negative + s * (pred_positive - pred_negative)

@@ -16,6 +16,11 @@ Exports: ``<exp_dir>/embeddings/<name>.pt`` (A1111 layout) and ``<name>.safetens
 layout webui, ComfyUI and kohya read); ``<exp_dir>/embeddings/step-<N>/`` at each checkpoint, so any of
 these folders can be used as an ``emb_dir`` as it is. With ``replace = true`` the final vectors are
 also written back into the words' own files in ``emb_dir``.
+
+DreamArtist (``[tokenizer_pt.dreamartist]``, SD and SDXL): the wrapped prompt encoder carries a
+:class:`~hcp_core.train.diffusion.TrainingGuidance` whose negative prompts are the prompts with
+each positive word swapped for its negative word; the model family then trains on the guided
+prediction. Both words are ordinary trained words (checkpointed and exported as above).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from hcp_core.errors import ConfigError
+from hcp_core.export_names import export_file_name
 from hcp_core.interfaces import AdapterContext, ModelBundle
 from hcp_core.models.custom_words import (
     SDXL_FILE_KEYS,
@@ -39,6 +45,7 @@ from hcp_core.models.custom_words import (
     wrap_for_words,
     write_embedding,
 )
+from hcp_core.train.diffusion import TrainingGuidance
 
 from .config import PromptTuningConfig, TrainedWord
 
@@ -49,6 +56,8 @@ EXPORT_DIR = "embeddings"
 EXPORT_SUFFIXES = (".pt", ".safetensors")
 #: Two-CLIP words (SDXL, SD3) are exported as safetensors only: the layout every SDXL tool reads.
 SDXL_EXPORT_SUFFIXES = (".safetensors",)
+#: Model kinds whose family trains DreamArtist's guided prediction (plugins/models/stable_diffusion.py).
+GUIDED_KINDS = ("sd", "sdxl")
 
 
 def export_folder(exp_dir: str | os.PathLike, step: Optional[int]) -> Path:
@@ -77,6 +86,7 @@ class PromptTuningAdapter:
         self.trained: Dict[str, TrainedWord] = {}  # installed word name -> its entry in train
         self.encoder: Optional[Any] = None  # the wrapped prompt encoder
         self._model_name: Optional[str] = None
+        self.negative: Dict[str, str] = {}  # DreamArtist: positive word -> negative word (installed names)
         self._last_step = 0
 
     @property
@@ -89,6 +99,7 @@ class PromptTuningAdapter:
         """Install every word of ``emb_dir``; one optimizer group per trained word."""
         if self.installed is not None:
             raise RuntimeError("this prompt-tuning adapter is already attached")
+        self._check_guided_kind(models)
         try:
             self.parts = parts_of(models)
         except EmbeddingFileError as exc:
@@ -117,6 +128,7 @@ class PromptTuningAdapter:
             self.installed = install_word_sets(models, vectors, trainable=list(self.trained))
         except EmbeddingFileError as exc:
             raise ConfigError(f"{SECTION}.emb_dir {self.emb_dir}: {exc}") from None
+        self._check_dreamartist(vectors)
         self._model_name = Path(models.source).name if models.source else None
         fixed = [n for n in vectors if n not in self.trained]
         first = self.installed[self.parts[0]]
@@ -134,7 +146,44 @@ class PromptTuningAdapter:
         if self.installed is None:
             raise RuntimeError("attach() first")
         self.encoder = wrap_for_words(encoder, self.installed)
+        if self.negative:  # a fresh object of wrap_for_words: the family's own encoder is untouched
+            da = self.config.dreamartist
+            self.encoder.guidance = TrainingGuidance(self.negative_prompts, scale=da.cfg_scale,
+                                                     scale_noisy=da.cfg_scale_noisy, curve=da.cfg_curve)
         return self.encoder
+
+    # ------------------------------------------------------------------ DreamArtist
+    def _check_guided_kind(self, models: ModelBundle) -> None:
+        """DreamArtist needs a family that trains the guided prediction (before anything is installed)."""
+        if self.config.dreamartist is not None and models.kind not in GUIDED_KINDS:
+            why = ("FLUX.1 is guidance-distilled: it has no negative prompt to train" if models.kind == "flux" else
+                   f"hcp trains the negative branch on SD 1.x/2.x and SDXL only, not on {models.kind}")
+            raise ConfigError(f"{SECTION}.dreamartist: {why}; remove [{SECTION}.dreamartist] (plain prompt tuning works)")
+
+    def _check_dreamartist(self, vectors: Mapping[str, Any]) -> None:
+        """Resolve ``dreamartist.negative`` to installed words."""
+        da = self.config.dreamartist
+        if da is None:
+            return
+        by_lower = {name.lower(): name for name in vectors}
+        found = ", ".join(sorted(vectors)) or "none"
+        for positive, negative in da.negative.items():
+            for word in (positive, negative):
+                if word.lower() not in by_lower:
+                    raise ConfigError(f"{SECTION}.dreamartist.negative: no custom word '{word}' in {self.emb_dir}; "
+                                      f"words found: {found}. Create it with 'hcp tools create-embedding'.")
+            self.negative[by_lower[positive.lower()]] = by_lower[negative.lower()]
+        untrained = [w for pair in self.negative.items() for w in pair if w not in self.trained]
+        if untrained:
+            log.warning("%s.dreamartist: %s not in %s.train, so it stays fixed", SECTION, ", ".join(untrained), SECTION)
+
+    def negative_prompts(self, prompts: List[str]) -> List[str]:
+        """Each prompt with its positive words replaced by their negative words (found as the
+        encoder finds words: whole, case-insensitively)."""
+        words = self.words
+        assert words is not None, "attach() first"
+        return ["".join(self.negative.get(name, text) if name else text for text, name in words.split(prompt))
+                for prompt in prompts]
 
     # ------------------------------------------------------------------ state
     def _word_params(self, name: str) -> Dict[str, torch.nn.Parameter]:
@@ -184,7 +233,9 @@ class PromptTuningAdapter:
         paths: List[str] = []
         for name in self.trained:
             for suffix in suffixes:
-                paths.append(str(write_embedding(folder / f"{name}{suffix}", name, self._export_vectors(name),
+                # <word> or <output_name>-<word>: no step suffix, so a step-<N> folder keeps the trigger words
+                file = export_file_name(self.context, name, None, tag=name, suffix=suffix)
+                paths.append(str(write_embedding(folder / file, name, self._export_vectors(name),
                                                  step=self._last_step, model=self._model_name)))  # fmt: skip
         if step is None:
             self._warn_unused()

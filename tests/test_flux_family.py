@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -126,6 +127,79 @@ def test_load_errors_name_the_problem(tmp_path, flux_model_dir) -> None:
         fam.load(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match="prediction_type"):
         fam.load(str(flux_model_dir), prediction_type="epsilon")
+
+
+def test_a_single_file_transformer_loads_with_model_config(tmp_path, flux, flux_model_dir, demo_data_dir) -> None:
+    """``model.pretrained`` = a transformer checkpoint, ``model.config`` = the diffusers folder of
+    the rest: the family is detected from the folder and the transformer's weights are the file's.
+    (The file has diffusers' names: diffusers' converter of BFL's layout assumes FLUX.1's real
+    width, 3072, so a tiny model cannot be written in BFL's layout.)"""
+    import io
+
+    from safetensors.torch import save_file
+
+    from hcp_core.train.preflight import check_model
+
+    state = {k: v + 0.25 if k.endswith("proj_out.weight") else v for k, v in flux.transformer.state_dict().items()}
+    single = tmp_path / "flux-transformer.safetensors"
+    save_file(state, str(single))
+    text = flux_toml(single, demo_data_dir, tmp_path / "exp", adapters=ADAPTERS, max_steps=1)
+    text = text.replace(f'pretrained = "{single}"', f'pretrained = "{single}"\nconfig = "{flux_model_dir}"')
+    pipeline = hcp_core.load_config(write_pipeline(tmp_path, text))
+    assert pipeline.model.family.name == "flux"
+    fam = pipeline.model.family.build()
+    models = fam.load(str(single), config=str(flux_model_dir))
+    assert models.source == str(single) and not models.transformer.training
+    assert_same_tensors(models.transformer.state_dict(), state)
+    assert_same_tensors(models.text_encoder.state_dict(), flux.text_encoder.state_dict())
+    assert_meta_twin(models, fam.load_skeleton(str(single), config=str(flux_model_dir)), ("transformer", "vae"))
+    out = io.StringIO()
+    assert check_model(pipeline, out)[0], out.getvalue()
+    with pytest.raises(ModelLoadError, match=r"single-file FLUX checkpoint.*Set model\.config \(hcp generate: --model-config\)"):
+        fam.load(str(single))
+    wrong = tmp_path / "vae.safetensors"
+    save_file(flux.vae.state_dict(), str(wrong))
+    with pytest.raises(ModelLoadError, match=r"could not read '.*vae\.safetensors' as a FLUX transformer"):
+        fam.load(str(wrong), config=str(flux_model_dir))
+
+
+def test_fp8_base_stores_frozen_linear_weights_in_8_bits(flux_model_dir, monkeypatch) -> None:
+    """model.fp8_base (through place_models): frozen Linear weights become float8_e4m3fn (half the
+    bytes of bf16), trained ones stay; the transformer computes what the same model computes in fp32
+    with each of those weights rounded to fp8 once."""
+    import copy
+
+    from hcp_core.config.schema import ModelConfig
+    from hcp_core.models.fp8_storage import store_linears_in_fp8
+    from hcp_core.train.setup import place_models
+    from test_lora_transformer import flux_inputs
+
+    models = family().load(str(flux_model_dir))
+    tr = models.transformer
+    tr.proj_out.weight.requires_grad_(True)  # as a fine-tuned layer: never stored in 8 bits
+    frozen = {n: m for n, m in tr.named_modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad}
+    reference = copy.deepcopy(tr)
+    with torch.no_grad():
+        for name in frozen:
+            w = reference.get_submodule(name).weight
+            w.copy_(w.to(torch.float8_e4m3fn).float())
+    inputs = {k: v for k, v in flux_inputs(models).items() if k != "ids"}
+    with torch.no_grad():
+        exact = tr(**inputs, return_dict=False)[0]
+    place_models(models, torch.device("cpu"), ModelConfig(pretrained="unused", fp8_base=True), "no")
+    assert {m.weight.dtype for m in frozen.values()} == {torch.float8_e4m3fn}
+    assert tr.proj_out.weight.dtype == torch.float32 and tr.norm_out.linear.bias.dtype == torch.float32
+    bf16_bytes = sum(m.weight.numel() * 2 for m in frozen.values())
+    assert sum(m.weight.nbytes for m in frozen.values()) * 2 == bf16_bytes
+    with torch.no_grad():
+        out = tr(**inputs, return_dict=False)[0]
+        expected = reference(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert 0 < (out - exact).norm() / exact.norm() < 0.1  # rounded once, not otherwise changed
+    assert store_linears_in_fp8(tr) == 0  # already stored
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(UserError, match=r"model\.fp8_base = true needs torch\.float8_e4m3fn.*fp8_base = false"):
+        store_linears_in_fp8(copy.deepcopy(reference))
 
 
 # --------------------------------------------------------------------------- prompts
@@ -339,11 +413,40 @@ def test_a_bucket_not_a_multiple_of_16_is_refused(tmp_path, flux_model_dir, demo
         hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, text)))
 
 
-def test_clip_skip_is_refused_with_the_key(tmp_path, flux_model_dir, demo_data_dir) -> None:
+#: Options that do not apply to flow matching: (TOML lines, section, what the message must say).
+DDPM_ONLY = [
+    ("clip_skip = 1", "model", r"model\.clip_skip = 1 does not apply to FLUX.*set it to 0"),
+    ('prediction_type = "v_prediction"', "model", r"model\.prediction_type = 'v_prediction' does not apply to FLUX"),
+    ("min_snr_gamma = 5.0", "train", r"train\.min_snr_gamma.*FLUX.*loss_weighting"),
+    ("noise_offset = 0.05", "train", r"train\.noise_offset.*FLUX.*timestep_sampling"),
+    ('scheduler = "dpm++_2m"', "sample", r"sample\.scheduler = 'dpm\+\+_2m' is a DDPM sampler; FLUX.*\"euler\""),
+]
+
+
+def refused_before_loading(tmp_path: Path, toml_text: str, message: str, monkeypatch) -> None:
+    """``hcp check`` reports ``message`` and ``hcp run`` stops with it before any weight is read
+    (the family's ``load`` fails the test if called)."""
+    import io
+
+    from hcp_core.train.preflight import check_pipeline
+
+    pipeline = hcp_core.load_config(write_pipeline(tmp_path, toml_text))
+    out = io.StringIO()
+    assert check_pipeline(pipeline, out=out, check_model_layers=True, verify_images=False) is False
+    assert re.search(f"model: ERROR: .*{message}", out.getvalue()), out.getvalue()
+    cls = type(pipeline.model.family.build())
+    monkeypatch.setattr(cls, "load", lambda *a, **k: pytest.fail("the model loaded before the option was refused"))
+    with pytest.raises(UserError, match=message):
+        hcp_core.run(pipeline)
+
+
+@pytest.mark.parametrize("line,section,message", DDPM_ONLY, ids=[d[0].split(" ")[0] for d in DDPM_ONLY])
+def test_ddpm_only_options_are_refused_at_set_up_and_by_check(tmp_path, flux_model_dir, demo_data_dir, monkeypatch,
+                                                             line, section, message) -> None:
     text = flux_toml(flux_model_dir, demo_data_dir, tmp_path / "exp", adapters=ADAPTERS, max_steps=1)
-    text = text.replace(f'pretrained = "{flux_model_dir}"', f'pretrained = "{flux_model_dir}"\nclip_skip = 1')
-    with pytest.raises(UserError, match="model.clip_skip"):
-        hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, text)))
+    text = text + '\n[sample]\nprompts = ["x"]\n' if section == "sample" else text
+    text = text.replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
+    refused_before_loading(tmp_path, text, message, monkeypatch)
 
 
 def test_cached_text_trains_like_live_encoding(tmp_path, flux_model_dir, demo_data_dir) -> None:

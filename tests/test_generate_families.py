@@ -134,8 +134,9 @@ def test_flux_generation_refuses_sd_only_options_by_name(flux_model_dir, tmp_pat
     base = ["generate", "--model", str(flux_model_dir), "-p", "x", "--steps", "1", "--out", str(tmp_path / "out")]
     (tmp_path / "embs").mkdir()
     cases = [
-        (["--embeddings", str(tmp_path / "embs")], "--embeddings: custom words are not supported in hcp generate for flux models"),
         (["--clip-skip", "1", "--size", "64x64"], "--clip-skip 1: this flux model has no CLIP skip"),
+        (["--scheduler", "euler_a", "--size", "64x64"], "scheduler 'euler_a' (hcp generate --scheduler) is a DDPM "
+                                                         "sampler; FLUX samples with its flow-matching Euler"),
         (["--size", "72x64"], "--size 72x64: this flux model renders sizes whose sides are multiples of 16"),
         (["--family", "fluxx"], "unknown model family 'fluxx'"),
     ]  # fmt: skip
@@ -144,6 +145,88 @@ def test_flux_generation_refuses_sd_only_options_by_name(flux_model_dir, tmp_pat
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+# --------------------------------------------------------------------------- custom words
+WORD_PROMPT = "a photo of mycat on a table"
+
+
+def word_vectors(model_dir: Path, part: str, rows: int = 2) -> torch.Tensor:
+    """Random vectors [rows, dim] for the CLIP in ``model_dir/part``, as large as its token vectors."""
+    dim = json.loads((model_dir / part / "config.json").read_text())["hidden_size"]
+    return torch.randn(rows, dim, generator=torch.Generator().manual_seed(len(part))) * 0.5
+
+
+def test_flux_custom_words_render_as_diffusers_load_textual_inversion(flux_model_dir, tmp_path) -> None:
+    from diffusers import FluxPipeline
+
+    from hcp_core.models.custom_words import write_embedding
+
+    file = write_embedding(tmp_path / "embs" / "mycat.safetensors", "mycat", word_vectors(flux_model_dir, "text_encoder"))
+    with_word = hcp_generate(flux_model_dir, tmp_path / "hcp", "-p", WORD_PROMPT, "--embeddings", file.parent)
+    plain = hcp_generate(flux_model_dir, tmp_path / "plain", "-p", WORD_PROMPT)
+    assert max_diff(pixels(with_word), pixels(plain)) > 8, "the word made no visible difference"
+    assert read_png_params(with_word).embeddings == (str(file.parent.resolve()),)
+    # diffusers: the word's two vectors become tokens "mycat", "mycat_1" of CLIP-L; T5 reads the text
+    pipe = FluxPipeline.from_pretrained(str(flux_model_dir))
+    pipe.load_textual_inversion(str(file), token="mycat")
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(WORD_PROMPT, num_inference_steps=STEPS, guidance_scale=CFG, width=64, height=64,
+                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]  # fmt: skip
+    assert max_diff(pixels(with_word), pixels(reference)) <= 1
+
+
+def test_sd3_custom_words_render_as_tokens_added_to_both_clips(sd3_model_dir, tmp_path) -> None:
+    """StableDiffusion3Pipeline has no load_textual_inversion: the reference adds the word's tokens to
+    both CLIP tokenizers and its vectors to both embedding tables by hand (T5 gets the plain prompt)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from hcp_core.models.custom_words import write_embedding
+
+    vectors = {p: word_vectors(sd3_model_dir, p) for p in ("text_encoder", "text_encoder_2")}
+    file = write_embedding(tmp_path / "embs" / "mycat.safetensors", "mycat", vectors)
+    image = hcp_generate(sd3_model_dir, tmp_path / "hcp", "-p", WORD_PROMPT, "--embeddings", file.parent)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_model_dir))
+    for tokenizer, encoder, part in ((pipe.tokenizer, pipe.text_encoder, "text_encoder"),
+                                     (pipe.tokenizer_2, pipe.text_encoder_2, "text_encoder_2")):
+        tokenizer.add_tokens(["mycat", "mycat_1"])
+        encoder.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            encoder.get_input_embeddings().weight[-2:] = vectors[part]
+    pipe.set_progress_bar_config(disable=True)
+    expanded = WORD_PROMPT.replace("mycat", "mycat mycat_1")
+    reference = pipe(expanded, prompt_3=WORD_PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
+                     width=64, height=64, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]  # fmt: skip
+    assert max_diff(pixels(image), pixels(reference)) <= 1
+    plain = hcp_generate(sd3_model_dir, tmp_path / "plain", "-p", WORD_PROMPT)
+    assert max_diff(pixels(image), pixels(plain)) > 8, "the word made no visible difference"
+
+
+# --------------------------------------------------------------------------- gen-from-prompts
+def test_gen_from_prompts_on_flux_equals_flux_pipeline_per_image(flux_model_dir, tmp_path, capsys) -> None:
+    from diffusers import FluxPipeline
+
+    from hcp_core.tools.gen_from_prompts import image_seed
+
+    prompts = ["a red circle", "a blue square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "reg"
+    base = ["tools", "gen-from-prompts", "--model", str(flux_model_dir), "--prompt-file", str(tmp_path / "prompts.txt"),
+            "--out", str(out), "--num", "2", "--batch-size", "2", "--steps", str(STEPS), "--cfg", str(CFG), "--seed", "5"]
+    for args, message in ((["--width", "72", "--height", "64"], "--width/--height 72x64: this flux model renders sizes "
+                                                                 "whose sides are multiples of 16"),
+                          (["--sampler", "dpm++"], "--sampler dpm++_2m is a DDPM sampler; FLUX samples with its flow-matching Euler")):
+        assert cli.main([*base, *args, *(["--width", "64", "--height", "64"] if "--sampler" in args else [])]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main([*base, "--width", "64", "--height", "64", "--sampler", "euler"]) == 0  # nothing was recorded
+    pipe = FluxPipeline.from_pretrained(str(flux_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    for i in range(2):
+        caption = (out / f"{i:06d}.txt").read_text().strip()
+        reference = pipe(caption, num_inference_steps=STEPS, guidance_scale=CFG, width=64, height=64,
+                         generator=torch.Generator("cpu").manual_seed(image_seed(5, i))).images[0]  # fmt: skip
+        assert max_diff(pixels(out / f"{i:06d}.png"), pixels(reference)) <= 1, i
+    assert sorted((out / f"{i:06d}.txt").read_text().strip() for i in range(2)) == sorted(prompts)
 
 
 def test_fp16_is_not_the_default_for_flux_on_cuda(flux_model_dir) -> None:

@@ -316,12 +316,13 @@ def test_transformer_files_are_validated(flux_model_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- formats and messages
-def test_kohya_is_refused_for_transformer_families(flux_model_dir, tmp_path):
+def test_kohya_is_refused_for_transformer_families(flux_model_dir, sd3_model_dir, tmp_path):
+    sd3 = sd3_bundle(sd3_model_dir)  # FLUX's kohya layout is written: tests/test_flux_kohya.py
+    adapter = build_lora_adapter(sd3_sections(), context=context(tmp_path, lora={"format": "kohya"}))
+    with pytest.raises(UserError, match=r'\[lora\] format = "kohya".*sd3.*format = "peft"'):
+        adapter.attach(sd3)
+    assert not adapter.layers and not any(m for m in sd3.transformer.modules() if hasattr(m, "hcp_lora"))
     bundle = flux_bundle(flux_model_dir)
-    adapter = build_lora_adapter(flux_sections(), context=context(tmp_path, lora={"format": "kohya"}))
-    with pytest.raises(UserError, match=r'\[lora\] format = "kohya".*flux.*format = "peft"'):
-        adapter.attach(bundle)
-    assert not adapter.layers and not any(m for m in bundle.transformer.modules() if hasattr(m, "hcp_lora"))
     # Explicit "peft" is the same as leaving format out.
     adapter = trained(bundle, flux_sections(te=False), tmp_path, format="peft")
     [path] = adapter.export(bundle, str(tmp_path), None)

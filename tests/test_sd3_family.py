@@ -27,7 +27,7 @@ from hcp_core.errors import ConfigError, UserError
 from hcp_core.generation.params import GenerationParams
 from hcp_core.models.loading import ModelLoadError
 from hcp_core.train.diffusion import sample_seed
-from test_flux_family import FIXED_64, OFF, RATIO_BUCKET, TRAIN, capture_inputs, expected_sigma
+from test_flux_family import FIXED_64, OFF, RATIO_BUCKET, TRAIN, capture_inputs, expected_sigma, refused_before_loading
 from train_support import assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +146,20 @@ def test_load_errors_name_the_problem(tmp_path, sd3_model_dir) -> None:
         fam.load(str(sd3_model_dir), prediction_type="v_prediction")
 
 
+def test_a_single_file_transformer_loads_with_model_config(tmp_path, sd3, sd3_model_dir) -> None:
+    """As for FLUX (tests/test_flux_family.py): the transformer from the file (diffusers' names),
+    the rest from model.config's folder."""
+    from safetensors.torch import save_file
+
+    state = {k: v * 1.5 if k.endswith("proj_out.weight") else v for k, v in sd3.transformer.state_dict().items()}
+    single = tmp_path / "sd3-transformer.safetensors"
+    save_file(state, str(single))
+    models = family().load(str(single), config=str(sd3_model_dir))
+    assert models.source == str(single) and models.kind == "sd3"
+    assert_same_tensors(models.transformer.state_dict(), state)
+    assert_same_tensors(models.text_encoder_3.state_dict(), sd3.text_encoder_3.state_dict())
+
+
 # --------------------------------------------------------------------------- prompts
 PROMPTS = ["a photo of a cat", "two red apples on a wooden table, soft light", ""]
 
@@ -254,6 +268,15 @@ def test_shift_weighting_and_ddpm_options(sd3) -> None:
         with pytest.raises(ConfigError, match=f"train.{key}.*SD3"):
             fam.training_prediction(sd3, fam.prompt_encoder(sd3), {"prompts": ["x"]}, x, [4], seed=1, step=0,
                                     train=train, autocast=OFF, train_text=False)
+
+
+def test_a_ddpm_sampler_is_refused_at_set_up_and_clip_skip_is_not(tmp_path, sd3_model_dir, demo_data_dir,
+                                                                   monkeypatch) -> None:
+    text = sd3_toml(sd3_model_dir, demo_data_dir, tmp_path / "exp", adapters=ADAPTERS, max_steps=1)
+    text = text.replace("[model]\n", "[model]\nclip_skip = 1\n", 1) + '\n[sample]\nprompts = ["x"]\nscheduler = "euler_a"\n'
+    refused_before_loading(tmp_path, text, r"sample\.scheduler = 'euler_a' is a DDPM sampler; SD3", monkeypatch)
+    pipeline = hcp_core.load_config(write_pipeline(tmp_path, text.replace('"euler_a"', '"euler"')))
+    family().check_options(pipeline)  # clip_skip applies to SD3; "euler" names its sampler
 
 
 # --------------------------------------------------------------------------- rendering

@@ -286,7 +286,7 @@ def with_custom_words(bundle: Any, encoder: Any, embeddings: Sequence[str], log_
     words = {}
     try:
         for folder in embeddings:
-            words.update(load_word_sets(folder, parts_of(bundle.kind)))
+            words.update(load_word_sets(folder, parts_of(bundle)))  # the CLIP encoders the model has
         if not words:
             return encoder
         encoder = wrap_for_words(encoder, install_word_sets(bundle, words))

@@ -22,7 +22,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..data.captions import clean_caption
 from ..errors import UserError
@@ -69,8 +69,9 @@ def is_done(out: Path, i: int) -> bool:
     return (out / f"{image_name(i)}.png").is_file() and (out / f"{image_name(i)}.txt").is_file()
 
 
-def check_settings(out: Path, settings: Dict[str, Any]) -> None:
-    """Refuse to add images made with other settings to ``out``; record the settings otherwise."""
+def check_settings(out: Path, settings: Dict[str, Any], *, record_them: bool = True) -> None:
+    """Refuse to add images made with other settings to ``out``; record the settings otherwise
+    (unless ``record_them`` is False: a check before the model is loaded)."""
     record = out / SETTINGS_FILE
     if record.is_file():
         old = json.loads(record.read_text(encoding="utf-8"))
@@ -83,6 +84,8 @@ def check_settings(out: Path, settings: Dict[str, Any]) -> None:
         return
     if any(out.glob("[0-9]" * 6 + ".png")):
         raise UserError(f"--out {out} already holds numbered images not made by this tool (no {SETTINGS_FILE}); choose another --out")
+    if not record_them:
+        return
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({k: settings[k] for k in IDENTITY_KEYS}, indent=2) + "\n", encoding="utf-8")
 
@@ -101,14 +104,23 @@ def sampler_name(name: str) -> str:
     return scheduler_choice(SAMPLER_ALIASES.get(name, name), where="--sampler").name
 
 
-def load_sampling_pipeline(model: str, sampler: str, device: str, dtype: Optional[str]) -> Any:
-    """The diffusers pipeline of ``model``'s kind (SD or SDXL), loaded, cast and moved as for
-    ``hcp generate``, with the chosen sampler."""
+def load_sampling_pipeline(model: str, sampler: str, device: str, dtype: Optional[str],
+                           size: Optional[Tuple[int, int]] = None) -> Any:
+    """The diffusers pipeline of ``model``'s family (its ``sampling_pipeline``: SD, SDXL, SD3,
+    FLUX), loaded, cast and moved as for ``hcp generate``, with the chosen sampler; ``size``
+    (width, height) is checked against the sizes the family renders."""
     from ..generation.generate import load_for_generation
-    from ..generation.render import build_diffusers_pipeline
 
     loaded = load_for_generation(model, device=device, dtype=dtype, log_fn=lambda _message: None)
-    return build_diffusers_pipeline(loaded.models, sampler)
+    build = getattr(loaded.family, "sampling_pipeline", None)  # optional family member
+    if build is None:
+        raise UserError(f"{model}: its model family ({loaded.models.kind}) has no diffusers pipeline for batches "
+                        "of prompts; use `hcp generate --prompt-file` instead")
+    multiple = loaded.size_multiple()
+    if size is not None and (size[0] % multiple or size[1] % multiple):
+        raise UserError(f"--width/--height {size[0]}x{size[1]}: this {loaded.models.kind} model renders sizes "
+                        f"whose sides are multiples of {multiple}")
+    return build(loaded.models, sampler)
 
 
 def generate(args: argparse.Namespace, log=print) -> List[int]:
@@ -129,13 +141,14 @@ def generate(args: argparse.Namespace, log=print) -> List[int]:
         "column": args.column, "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "width": args.width,
         "height": args.height, "cfg": args.cfg, "negative_prompt": args.negative_prompt, "sampler": args.sampler,
     }  # fmt: skip
-    check_settings(out, settings)
+    check_settings(out, settings, record_them=False)
     todo = [i for i in range(args.num) if not is_done(out, i)]
     log(f"{args.num - len(todo)} of {args.num} image(s) already in {out}; generating {len(todo)}")
     if not todo:
         return []
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_sampling_pipeline(args.model, sampler, device, args.dtype)
+    pipe = load_sampling_pipeline(args.model, sampler, device, args.dtype, (args.width, args.height))
+    check_settings(out, settings)  # recorded once the model has accepted them
     order = PromptOrder(len(prompts), args.seed)
     written: List[int] = []
     for start in range(0, len(todo), args.batch_size):

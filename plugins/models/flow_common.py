@@ -1,8 +1,9 @@
 """What the flow-matching transformer families (``flux``, ``sd3``) share.
 
 * **Loading** (:class:`FlowMatchingFamily`): a complete local diffusers folder, part by part,
-  offline, in fp32, frozen; the same modules on the ``meta`` device for ``hcp check``; clear
-  errors naming the part (single-file checkpoints are refused).
+  offline, in fp32, frozen, or a single-file transformer checkpoint with ``model.config`` naming
+  the folder of the other parts; the same modules on the ``meta`` device for ``hcp check``; clear
+  errors naming the part or file.
 * **Prompts**: :func:`tokenize_to_length` (padded and truncated token ids, with a warning naming
   what was cut, as diffusers' pipelines warn) and :func:`t5_hidden_states`.
 * **Objective**: per sample a sigma (the configured density and shift), noise, ``x_t``, the
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: What ``ModelBundle.prediction_type`` says for the flow-matching families.
 PREDICTION_TYPE = "flow_match"
+#: ``[sample] scheduler`` values a flow family accepts: "euler" names the flow-matching Euler sampler
+#: it always uses; "ddim" is the option's default, which every written config.toml carries.
+FLOW_SAMPLER_NAMES = ("euler", "ddim")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -143,6 +147,10 @@ class FlowMatchingFamily:
     #: Part -> the layer patterns a LoRA group on it targets without ``layers`` (set by each
     #: family from :mod:`.default_layers`; a part left out has no defaults).
     default_layer_patterns: Mapping[str, Tuple[str, ...]] = {}
+    #: ``hcp generate --embeddings`` works: custom words go into the CLIP encoders (FLUX: CLIP-L;
+    #: SD3: CLIP-L and CLIP-G, ``{clip_l, clip_g}`` files), which :class:`TwoStepPromptEncoder`
+    #: exposes as ``encoders``; T5 reads the prompt as written.
+    custom_words = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -155,6 +163,10 @@ class FlowMatchingFamily:
         """The layer patterns a LoRA group on ``part`` targets when it names no ``layers``."""
         return list(self.default_layer_patterns.get(part, ()))
 
+    def vae_safe_in_bf16(self, models: Any) -> bool:
+        """SD3's and FLUX's 16-channel VAEs encode well in bf16 (``model.vae_dtype = "auto"``)."""
+        return True
+
     # ------------------------------------------------------------------ loading
     def check_prediction_type(self, prediction_type: Optional[str]) -> None:
         if prediction_type not in (None, PREDICTION_TYPE):
@@ -163,20 +175,27 @@ class FlowMatchingFamily:
                 "to predict the flow-matching velocity; leave model.prediction_type out."
             )
 
-    def folder(self, pretrained: str) -> Path:
-        """The diffusers folder at ``pretrained``, checked complete; single files are refused."""
-        from hcp_core.models.loading import missing_model_message
+    def folder(self, pretrained: str, config: Optional[str] = None) -> Path:
+        """The diffusers folder that describes ``pretrained``, checked complete: ``pretrained``
+        itself, or for a single-file checkpoint the folder ``config`` (required then)."""
+        from hcp_core.models.loading import SINGLE_FILE_SUFFIXES, missing_model_message
 
         path = Path(pretrained).expanduser()
         listing = ", ".join(["model_index.json"] + [p + "/" for p in self.spec.folder_parts])
         if not path.exists():
             raise load_error(missing_model_message(str(pretrained)))
         if not path.is_dir():
-            raise load_error(
-                f"'{path}' is a single file: hcp does not read single-file {self.spec.label} checkpoints yet. Use the "
-                f"model's diffusers folder ({listing}), e.g. {self.spec.example_source} downloaded with "
-                "`huggingface-cli download`."
-            )
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise load_error(f"'{path}' is neither a diffusers folder nor a checkpoint file "
+                                 f"({', '.join(SINGLE_FILE_SUFFIXES)}); point model.pretrained at one of those.")
+            if config is None:
+                raise load_error(
+                    f"'{path}' is a single-file {self.spec.label} checkpoint: it holds the transformer, and hcp reads "
+                    f"the other parts and every config from a local {self.spec.label} diffusers folder. Set "
+                    f"model.config (hcp generate: --model-config) to that folder ({listing}), e.g. "
+                    f"{self.spec.example_source} downloaded with `huggingface-cli download`."
+                )
+            return self.folder(config)
         index_file = path / "model_index.json"
         if not index_file.is_file():
             raise load_error(
@@ -206,16 +225,22 @@ class FlowMatchingFamily:
         return ModelBundle(unet=None, kind=self.spec.kind, source=source, prediction_type=PREDICTION_TYPE, **parts)
 
     def load(self, pretrained: str, *, config: Optional[str] = None, prediction_type: Optional[str] = None) -> ModelBundle:
-        """The diffusers folder at ``pretrained``, offline, every part frozen (eval, no gradients),
-        in fp32. ``config`` is unused (single files are not read yet)."""
+        """The model at ``pretrained``, offline, every part frozen (eval, no gradients), in fp32:
+        a diffusers folder, or a single-file transformer checkpoint (BFL's / Stability's original
+        layout or diffusers' names, read by diffusers' ``from_single_file``) whose other parts and
+        configs come from the diffusers folder ``config``."""
         from hcp_core.models.loading import _weights_variant
         from hcp_core.models.pipelines import quiet_progress_bars
 
         self.check_prediction_type(prediction_type)
-        path = self.folder(pretrained)
+        path = self.folder(pretrained, config)
+        single_file = Path(pretrained).expanduser().is_file()
         quiet_progress_bars()
         parts: Dict[str, Any] = {}
         for part, cls in self.part_classes(path).items():
+            if single_file and part == "transformer":
+                parts[part] = self.single_file_transformer(cls, Path(pretrained).expanduser(), path)
+                continue
             kwargs: Dict[str, Any] = {"local_files_only": True}
             if part in self.spec.module_parts:
                 kwargs["torch_dtype" if hasattr(cls, "load_config") else "dtype"] = torch.float32
@@ -226,7 +251,20 @@ class FlowMatchingFamily:
                 parts[part] = cls.from_pretrained(str(path / part), **kwargs)
             except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
                 raise part_error(path, part, err) from err
-        return self.bundle(parts, str(path))
+        return self.bundle(parts, str(Path(pretrained).expanduser() if single_file else path))
+
+    def single_file_transformer(self, cls: Any, file: Path, folder: Path) -> Any:
+        """The transformer of a single-file checkpoint, converted by diffusers' ``from_single_file``
+        offline with ``folder``'s transformer config, in fp32."""
+        try:
+            return cls.from_single_file(str(file), config=str(folder), subfolder="transformer", local_files_only=True,
+                                        torch_dtype=torch.float32)
+        except Exception as err:  # diffusers raises many kinds (KeyError, SingleFileComponentError, ...)
+            raise load_error(
+                f"could not read '{file}' as a {self.spec.label} transformer shaped like '{folder / 'transformer'}': "
+                f"{type(err).__name__}: {err}. model.pretrained must be a {self.spec.label} checkpoint (the original "
+                "layout, e.g. the official release file, or diffusers' names) of the architecture model.config describes."
+            ) from err
 
     def load_skeleton(self, pretrained: str, *, config: Optional[str] = None,
                       prediction_type: Optional[str] = None) -> Optional[ModelBundle]:
@@ -235,7 +273,7 @@ class FlowMatchingFamily:
         from hcp_core.models.loading import skeleton_part
 
         self.check_prediction_type(prediction_type)
-        path = self.folder(pretrained)
+        path = self.folder(pretrained, config)  # a single file is described by its config folder
         parts: Dict[str, Any] = {}
         for part, cls in self.part_classes(path).items():
             try:
@@ -278,8 +316,37 @@ class FlowMatchingFamily:
                               "trains with flow matching: use model.family.loss_weighting (\"sigma_sqrt\" or \"cosmap\") instead, "
                               "or remove it.")
         if getattr(train, "noise_offset", 0.0):
-            raise ConfigError("train.noise_offset applies to the DDPM families (sd, sdxl) only; "
-                              f"remove it for {self.spec.label}.")
+            raise ConfigError(f"train.noise_offset applies to the DDPM families (sd, sdxl) only; {self.spec.label} "
+                              "trains with flow matching, where how much noise a step sees is set by "
+                              "model.family.timestep_sampling and shift: remove it.")
+
+    def refuse_clip_skip(self, clip_skip: int) -> None:
+        """A ``model.clip_skip`` the family cannot honour without looking at the model (none here;
+        FLUX, which reads only CLIP's pooled output, refuses any)."""
+
+    def check_options(self, pipeline: Any) -> None:
+        """Pipeline options that do not apply to flow matching, refused when the run is set up and
+        by ``hcp check`` (before any weight is read): ``model.prediction_type``, ``train.min_snr_gamma``,
+        ``train.noise_offset``, a ``model.clip_skip`` the family has no use for and a DDPM-only
+        ``[sample] scheduler``."""
+        self.check_prediction_type(pipeline.model.prediction_type)
+        self.refuse_ddpm_options(pipeline.train)
+        self.refuse_clip_skip(pipeline.model.clip_skip)
+        if getattr(pipeline.model, "prompt_emphasis", False):  # T5 has no emphasis rule to follow
+            raise ConfigError(f"model.prompt_emphasis applies to the sd and sdxl families only; {self.spec.label} "
+                              "encodes prompts with T5 as well as CLIP: remove model.prompt_emphasis.")
+        sample = getattr(pipeline, "sample", None)
+        if sample is not None:
+            self.refuse_ddpm_sampler(sample.scheduler, "sample.scheduler = {!r}", 'set scheduler = "euler"')
+
+    def refuse_ddpm_sampler(self, name: str, where: str, instead: str) -> None:
+        """A sampler other than the flow-matching Euler (:data:`FLOW_SAMPLER_NAMES`): a
+        :class:`ConfigError` that says ``where`` (formatted with ``name``) and what to do ``instead``."""
+        if name not in FLOW_SAMPLER_NAMES:
+            raise ConfigError(
+                f"{where.format(name)} is a DDPM sampler; {self.spec.label} samples with its flow-matching Euler "
+                f"scheduler (FlowMatchEulerDiscreteScheduler, the model's own shift): {instead} or leave it out."
+            )
 
     def transformer_inputs(self, models: ModelBundle, noisy: torch.Tensor, sigmas: torch.Tensor,
                            text: Any) -> Dict[str, Any]:
@@ -331,6 +398,13 @@ class FlowMatchingFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def sampling_pipeline(self, models: ModelBundle, sampler: str) -> Any:
+        """The family's diffusers pipeline for batches of prompts (``hcp tools gen-from-prompts``):
+        :meth:`pipeline`, whose sampler is always the flow-matching Euler; ``sampler`` must say so
+        (:data:`FLOW_SAMPLER_NAMES`)."""
+        self.refuse_ddpm_sampler(sampler, "--sampler {}", "use --sampler euler")
+        return self.pipeline(models)
+
     def prompt_kwargs(self, encoder: Any, params: Any) -> Dict[str, Any]:
         """The pipeline's prompt keyword arguments (embeddings from ``encoder``), under no_grad and autocast."""
         raise NotImplementedError
@@ -340,13 +414,14 @@ class FlowMatchingFamily:
         """One PIL image through the family's diffusers pipeline with the models as they are now.
 
         The prompt is encoded by ``encoder`` (the run's prompt encoder, with whatever adapters
-        wrap it); ``params.cfg`` is the pipeline's ``guidance_scale``; ``params.scheduler`` is
-        ignored (the sampler is the model's flow-matching Euler). The VAE decodes outside
-        autocast, in its own precision.
+        wrap it); ``params.cfg`` is the pipeline's ``guidance_scale``; ``params.scheduler`` must
+        name the model's flow-matching Euler sampler (:data:`FLOW_SAMPLER_NAMES`). The VAE decodes
+        outside autocast, in its own precision.
         """
         from hcp_core.generation.params import MAX_SEED
         from hcp_core.generation.render import vae_decode_without_autocast
 
+        self.refuse_ddpm_sampler(params.scheduler, "scheduler {!r} (hcp generate --scheduler)", "use euler")
         if not 0 <= params.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and 2**64 - 1, got {params.seed}")
         multiple = self.size_multiple(models)

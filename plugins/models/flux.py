@@ -14,7 +14,8 @@
 * **Images**: diffusers' ``FluxPipeline`` around the bundle's modules, with the prompt embeddings
   from the run's (possibly wrapped) prompt encoder.
 
-Only local diffusers folders load; single-file FLUX checkpoints are refused with a clear message.
+Local diffusers folders load, and single-file FLUX transformer checkpoints with ``model.config``
+naming the diffusers folder that supplies the other parts (see :class:`.flow_common.FlowMatchingFamily`).
 """
 from __future__ import annotations
 
@@ -119,13 +120,17 @@ class FluxFamily(FlowMatchingFamily):
         return 2
 
     # ------------------------------------------------------------------ prompts
-    def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> FluxPromptEncoder:
-        """:class:`FluxPromptEncoder` (T5 hidden states + CLIP pooled output); ``clip_skip`` must be 0."""
+    def refuse_clip_skip(self, clip_skip: int) -> None:
+        """Any ``clip_skip`` but 0: FLUX reads only CLIP's pooled output."""
         if clip_skip:
             raise ConfigError(
                 f"model.clip_skip = {clip_skip} does not apply to FLUX: it uses only CLIP's pooled output (and T5's "
                 "last hidden states), as FluxPipeline does; leave model.clip_skip out or set it to 0."
             )
+
+    def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> FluxPromptEncoder:
+        """:class:`FluxPromptEncoder` (T5 hidden states + CLIP pooled output); ``clip_skip`` must be 0."""
+        self.refuse_clip_skip(clip_skip)
         return FluxPromptEncoder(models.tokenizer, models.text_encoder, models.tokenizer_2, models.text_encoder_2,
                                  max_sequence_length=self.config.max_sequence_length)
 

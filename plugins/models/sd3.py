@@ -18,7 +18,8 @@
 * **Images**: diffusers' ``StableDiffusion3Pipeline`` around the bundle's modules, with real
   classifier-free guidance: the prompt and ``negative_prompt`` both encoded by the run's encoder.
 
-Only local diffusers folders load; single-file SD3 checkpoints are refused with a clear message.
+Local diffusers folders load, and single-file SD3 transformer checkpoints with ``model.config``
+naming the diffusers folder that supplies the other parts (see :class:`.flow_common.FlowMatchingFamily`).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/hcp run examples/quickstart.toml
 
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist worksteal
 
 bench: venv
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done

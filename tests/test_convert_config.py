@@ -33,9 +33,9 @@ def noted(conversion) -> dict:
 
 
 def demo_overrides(model: Path, data: Path, datasets=("dataset1",)) -> list:
-    """What a user sets by hand (the examples name a Hub model and imgs/; fp16 needs a GPU), in the
+    """What a user sets by hand (the examples name a Hub model and imgs/), in the
     override syntax hcp's messages print (``sources[0]``)."""
-    out = [f"model.pretrained={model}", "model.mixed_precision=auto"]
+    out = [f"model.pretrained={model}"]
     for ds in datasets:
         out += [f"data.{ds}.sources[0].img_root={data}"]
     return out
@@ -45,7 +45,7 @@ def test_lora_conventional_converts_to_a_pipeline_that_checks_clean(tmp_path, de
     conversion, path, toml = convert("lora_conventional.yaml", tmp_path)
     # Values from the file and each of its three bases, merged as the original merged them.
     assert toml["seed"] == 114514 and toml["exp_dir"].startswith("exps/20")  # ${hcp.time:} resolved
-    assert toml["model"] == {"pretrained": "runwayml/stable-diffusion-v1-5", "mixed_precision": "fp16",
+    assert toml["model"] == {"pretrained": "runwayml/stable-diffusion-v1-5", "mixed_precision": "auto",
                              "gradient_checkpointing": True}
     train = toml["train"]
     assert (train["max_steps"], train["gradient_accumulation"], train["save_every"], train["max_grad_norm"],
@@ -63,7 +63,9 @@ def test_lora_conventional_converts_to_a_pipeline_that_checks_clean(tmp_path, de
     assert toml["lora_text_encoder"] == [{"layers": ["re:.*self_attn$", "re:.*mlp$"], "lr": 1e-5, "rank": 4}]
     assert "tokenizer_pt" not in toml  # no word trained
     notes = noted(conversion)
-    assert set(notes) == {"model.pretrained_model_name_or_path", "train.scale_lr", "data.dataset1.source.data_source1.word_names"}
+    assert set(notes) == {"model.pretrained_model_name_or_path", "train.scale_lr", "data.dataset1.source.data_source1.word_names",
+                          "mixed_precision"}
+    assert notes["mixed_precision"].startswith("'fp16' became \"auto\"")
     # The template file (prompt_tuning_template/object.txt, found from the repository root) uses {pt1}.
     # The original filled a placeholder no word names with "": so does the conversion, and says so.
     assert "{pt1}, which no word filled" in notes["data.dataset1.source.data_source1.word_names"]
@@ -219,7 +221,7 @@ def test_the_command_writes_the_file_and_lists_the_notes(tmp_path, capsys):
     argv = ["tools", "convert-config", str(EXAMPLES / "lora_conventional.yaml"), "-o", str(out)]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    assert f"wrote {out}" in err and "3 key(s) not converted" in err and "  train.scale_lr: True" in err
+    assert f"wrote {out}" in err and "4 key(s) not converted" in err and "  train.scale_lr: True" in err
     assert tomllib.loads(out.read_text())["lora_unet"][0]["rank"] == 8
     assert cli.main(argv) == 2  # never overwrites silently
     assert "exists; add --force" in capsys.readouterr().err

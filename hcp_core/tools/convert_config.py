@@ -249,8 +249,13 @@ class _Converter:
             model["clip_skip"] = clip_skip
         precision = self.take("mixed_precision")
         if precision is not None:
-            if precision in ("fp16", "bf16", "no", "fp32"):
-                model["mixed_precision"] = "no" if precision == "fp32" else precision
+            if precision in ("no", "fp32"):
+                model["mixed_precision"] = "no"
+            elif precision in ("fp16", "bf16"):
+                # "auto" is what the original meant on a GPU and still runs on a CPU (fp16 needs CUDA).
+                model["mixed_precision"] = "auto"
+                self.note("mixed_precision", f"{precision!r} became \"auto\" (bf16 on GPUs that have it, fp16 on older "
+                                             f"ones, fp32 on a CPU); set model.mixed_precision = \"{precision}\" to force it")
             else:
                 self.note("mixed_precision", f"{precision!r}: hcp takes \"no\", \"fp16\", \"bf16\" or \"auto\"")
         checkpointing = self.take("model.gradient_checkpointing")

@@ -276,7 +276,11 @@ class ModelFamily(Protocol):
     may encode them once) and ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
     group on ``part`` uses when it names no ``layers``; an empty list when the family has none
     for that part), ``custom_words = True`` (``hcp generate --embeddings`` works on its models),
-    ``writes_single_file = True`` (``merge-lora --single-file`` can write its models as one file),
+    ``write_single_file(models, path, dtype) -> Path`` (``merge-lora --single-file`` writes its
+    models as one file) with ``single_file_problem(models) -> Optional[str]`` (why a model cannot
+    be, or None), ``clip_skip_problem(models, clip_skip) -> Optional[str]`` (why ``hcp generate
+    --clip-skip`` is out of range, or None), ``vae_upcast_in_fp16(models) -> bool`` (fp16
+    generation keeps the VAE in fp32),
     ``check_options(pipeline)`` (raise a :class:`~hcp_core.errors.UserError` for pipeline options
     the family cannot honour; called when a run is set up and by ``hcp check``, before any weight
     is read), ``sampling_pipeline(models, sampler)`` (a diffusers pipeline taking batches of

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from hcp_core.interfaces import AdapterContext
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_plugins.adapters.lora.adapter import LoraAdapter, build_lora_adapter
 from hcp_plugins.adapters.lora.config import LoraGroupConfig
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from hcp_core.errors import UserError
 from hcp_core.interfaces import AdapterContext
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_plugins.adapters.lora.adapter import build_lora_adapter
 from hcp_plugins.adapters.lora.config import LoraGroupConfig
 from hcp_plugins.adapters.lora.dora import DoraBranch

@@ -14,9 +14,9 @@ import hcp_core
 from hcp_core.config.schema import TrainConfig
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import AdapterContext, ModelBundle
-from hcp_core.models.conditioning import make_prompt_encoder, unet_conditioning
+from hcp_plugins.models.stable_diffusion.conditioning import make_prompt_encoder, unet_conditioning
 from hcp_core.models.custom_words import read_embedding
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.tools.create_embedding import create_embedding
 from hcp_core.train.diffusion import draw_noise_and_timesteps
 from hcp_plugins.adapters.prompt_tuning.adapter import PromptTuningAdapter

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import hcp_core
 from hcp_core.errors import ConfigError
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.tools.safetensors_writer import write_safetensors, write_sharded
 from hcp_core.train.runner import build_run, train
 from hcp_plugins.adapters.finetune.model_export import BaseWeights, check_single_file, write_diffusers_folder, write_single_file

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.interfaces import AdapterContext
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.plugins import get_registry
 from hcp_plugins.adapters.lora.adapter import build_lora_adapter
 from hcp_plugins.adapters.lora.config import LoraGroupConfig

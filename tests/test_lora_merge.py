@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hcp_core.errors import UserError
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.generation.params import LoraSpec, parse_lora_spec
 from hcp_core.tools.merge_lora import main, merge_lora
 

@@ -332,7 +332,7 @@ def test_kohya_is_refused_for_transformer_families(flux_model_dir, sd3_model_dir
 
 
 def test_sd_default_stays_kohya(demo_model_dir, tmp_path):
-    from hcp_core.models.loading import load_models
+    from hcp_plugins.models.stable_diffusion.loading import load_models
 
     bundle = load_models(str(demo_model_dir))
     adapter = build_lora_adapter({"unet": [LoraGroupConfig(layers=[r"re:.*\.attn1$"])]}, context=context(tmp_path))

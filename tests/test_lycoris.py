@@ -24,7 +24,7 @@ from torch import nn
 import hcp_core
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.interfaces import AdapterContext, ModelBundle
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_plugins.adapters.lycoris.adapter import build_lycoris_adapter
 from hcp_plugins.adapters.lycoris.algorithms import LycorisBranch, factorization, lycoris_shapes
 from hcp_plugins.adapters.lycoris.config import LycorisGroupConfig

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from hcp_core.errors import UserError
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_part_published_only_as_fp16_variant(tmp_path, demo_model_dir):
 def test_skeleton_has_every_layer_on_meta_and_reads_no_weight(tmp_path, demo_model_dir, bundle):
     import shutil
 
-    from hcp_core.models.loading import ModelLoadError, load_model_skeleton
+    from hcp_plugins.models.stable_diffusion.loading import ModelLoadError, load_model_skeleton
 
     copy = tmp_path / "model"
     shutil.copytree(demo_model_dir, copy)

@@ -237,7 +237,7 @@ def test_an_outside_adapter_trains_and_its_file_merges_back(tmp_path: Path, demo
     """Registered only through extra_plugins: it trains through hcp_core.run, and hcp generate's
     loader merges its exported file through its file capabilities."""
     from hcp_core.generation.generate import load_for_generation
-    from hcp_core.models.loading import load_models
+    from hcp_plugins.models.stable_diffusion.loading import load_models
 
     monkeypatch.delenv(plugins.BLOCK_ENV, raising=False)
     registry = build_registry(extra_plugins=[OutsidePlugin])

@@ -120,7 +120,7 @@ def test_long_prompts_keep_weights_across_chunks(clip):
 def test_sdxl_weights_each_encoder_and_leaves_pooled(sdxl_model_dir):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from hcp_core.models.conditioning import SdxlPromptEncoder
+    from hcp_plugins.models.stable_diffusion.conditioning import SdxlPromptEncoder
 
     # Only the text side of the model is needed.
     m = SimpleNamespace(kind="sdxl", tokenizer=CLIPTokenizer.from_pretrained(str(sdxl_model_dir / "tokenizer")),

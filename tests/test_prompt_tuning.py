@@ -25,7 +25,7 @@ from hcp_core.models.custom_words import (
     read_embedding,
     write_embedding,
 )
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.models.text_encoding import PromptEncoder
 from hcp_core.train.runner import build_run, train
 from hcp_plugins.adapters.prompt_tuning.adapter import PromptTuningAdapter

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from hcp_core.interfaces import AdapterContext
 from hcp_core.models.custom_words import write_embedding
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.models.text_encoding import PromptEncoder
 from hcp_plugins.adapters.prompt_tuning.adapter import PromptTuningAdapter
 from hcp_plugins.adapters.prompt_tuning.config import PromptTuningConfig, TrainedWord

@@ -26,8 +26,8 @@ from hcp_core.models.custom_words import (
     write_embedding,
 )
 from hcp_core.models.custom_word_files import SDXL_PARTS
-from hcp_core.models.loading import load_models
-from hcp_core.models.conditioning import SdxlPromptEncoder
+from hcp_plugins.models.stable_diffusion.loading import load_models
+from hcp_plugins.models.stable_diffusion.conditioning import SdxlPromptEncoder
 from hcp_core.tools.create_embedding import create_embedding
 from hcp_plugins.adapters.prompt_tuning.adapter import PromptTuningAdapter
 from hcp_plugins.adapters.prompt_tuning.config import PromptTuningConfig

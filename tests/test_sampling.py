@@ -151,7 +151,7 @@ def test_sample_config_errors(sample, message) -> None:
 
 def test_out_of_memory_while_sampling_skips_the_samples_not_the_run(demo_model_dir, tmp_path, monkeypatch, caplog) -> None:
     from hcp_core.config.schema import SampleConfig
-    from hcp_core.models.loading import load_models
+    from hcp_plugins.models.stable_diffusion.loading import load_models
     from hcp_core.models.text_encoding import PromptEncoder
     from hcp_core.train import sample_images as sampling
 

@@ -18,8 +18,8 @@ import hcp_core
 from hcp_core import cli
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import AdapterContext
-from hcp_core.models.loading import load_models
-from hcp_core.models.conditioning import SdxlPromptEncoder, add_time_ids, unet_conditioning
+from hcp_plugins.models.stable_diffusion.loading import load_models
+from hcp_plugins.models.stable_diffusion.conditioning import SdxlPromptEncoder, add_time_ids, unet_conditioning
 from train_support import assert_same_tensors, hcp, pipeline_toml, trained_tensors, write_pipeline
 
 LORA_ALL_PARTS = """
@@ -231,7 +231,7 @@ prompt_template = "a photo of {{caption}}"
 """
     cfg = write_pipeline(tmp_path, pipeline_toml(sdxl_model_dir, demo_data_dir, tmp_path / "exp", adapters=LORA_ALL_PARTS,
                                                  max_steps=2, masks=True, extra=second))  # fmt: skip
-    from hcp_core.models import conditioning
+    from hcp_plugins.models.stable_diffusion import conditioning
 
     seen = []
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hcp_core.errors import UserError
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.tools.merge_lora import main as merge_lora_main
 from hcp_core.tools.merge_lora import write_single_file
 from train_support import assert_same_tensors, lora_on_folder_and_file

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hcp_core import cli
-from hcp_core.models.loading import load_models
+from hcp_plugins.models.stable_diffusion.loading import load_models
 from hcp_core.tools.create_embedding import RandomRows, parse_init_text
 
 

@@ -8,7 +8,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from hcp_core.errors import ConfigError
-from hcp_core.train.diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
+from hcp_core.train.diffusion import draw_noise_and_timesteps
+from hcp_plugins.models.stable_diffusion.ddpm import min_snr_weights, snr, training_target
 from hcp_core.train.ema import Ema
 from hcp_core.train.optim import build_optimizer, build_scheduler, optimizer_spec, scheduler_spec
 

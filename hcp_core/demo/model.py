@@ -284,7 +284,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, prediction_type: str
         unet = tiny_unet(cross_attention_dim=text_encoder.config.hidden_size)
     vae = calibrated_vae(seed * 10 + 3)
 
-    pipe = pipeline_class("sd")(
+    pipe = pipeline_class("StableDiffusionPipeline")(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

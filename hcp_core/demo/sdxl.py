@@ -75,7 +75,7 @@ def build_demo_sdxl_model(out_dir: str | Path, *, seed: int = 0, prediction_type
         unet = tiny_sdxl_unet(projection_dim=text_encoder_2.config.projection_dim)
     vae = calibrated_vae(seed * 10 + 8)
 
-    pipe = pipeline_class("sdxl")(
+    pipe = pipeline_class("StableDiffusionXLPipeline")(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,

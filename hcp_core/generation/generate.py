@@ -164,8 +164,8 @@ class LoadedModel:
     encoder: Any  # the family's prompt encoder (an SD/SDXL PromptEncoder, possibly wrapped for custom words)
     device: str
     dtype: str
-    #: The model family (``ModelFamily``) that loaded it and renders it; None renders SD/SDXL
-    #: with :func:`~hcp_core.generation.render.render_image`.
+    #: The model family (``ModelFamily``) that loaded it and renders it; None renders with the
+    #: family of ``models.kind`` (:func:`~hcp_core.generation.render.render_image`).
     family: Any = None
 
     def native_size(self) -> Tuple[int, int]:
@@ -235,13 +235,10 @@ def load_for_generation(
     if dtype is None:  # bf16 where the GPU has it (T5 overflows in fp16), fp32 on CPU
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "fp32"
     bundle = fam.load(model, prediction_type=prediction_type, config=model_config)
-    if bundle.unet is not None and bundle.text_encoder is not None:  # the shared CLIP conditioning's range
-        from ..models.conditioning import max_clip_skip
-
-        limit = max_clip_skip(bundle)
-        if clip_skip > limit:
-            why = "SDXL model allows 0 to {} (it already uses the penultimate layer)" if bundle.kind == "sdxl" else "model allows 0 to {}"
-            raise UserError(f"--clip-skip {clip_skip} is out of range: this {why.format(limit)}")
+    clip_skip_problem = getattr(fam, "clip_skip_problem", None)  # optional family member
+    problem = clip_skip_problem(bundle, clip_skip) if clip_skip_problem is not None else None
+    if problem is not None:
+        raise UserError(f"--clip-skip {clip_skip} is out of range: {problem}")
     try:
         encoder = fam.prompt_encoder(bundle, clip_skip=clip_skip)
     except ConfigError as exc:
@@ -255,7 +252,7 @@ def load_for_generation(
     encoder = with_custom_words(bundle, encoder, embeddings, log_fn)
     target = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     for part in bundle.modules().values():  # the denoiser, every text encoder, the VAE
-        if part is bundle.vae and vae_stays_fp32(bundle, target):
+        if part is bundle.vae and vae_stays_fp32(bundle, target, fam):
             part.to(torch.device(device)).eval()
             continue
         if part.dtype != target:
@@ -266,16 +263,17 @@ def load_for_generation(
     return LoadedModel(models=bundle, encoder=encoder, device=device, dtype=dtype, family=fam)
 
 
-def vae_stays_fp32(bundle: Any, target: Any) -> bool:
-    """Whether an fp16 run keeps the VAE in fp32: on SDXL, when its config says ``force_upcast``.
+def vae_stays_fp32(bundle: Any, target: Any, family: Any) -> bool:
+    """Whether an fp16 run keeps the VAE in fp32: when the family's optional
+    ``vae_upcast_in_fp16(models)`` says so (SDXL, whose VAE overflows in fp16).
 
-    SDXL's VAE overflows in fp16 (its config says so; fixed fp16 VAEs say ``force_upcast: false``).
     diffusers' pipeline would cast such a VAE to fp32 and back for every image; keeping it in fp32
     decodes the same way once and for all (the renderer hands it its latents in fp32).
     """
     import torch
 
-    return bundle.kind == "sdxl" and target == torch.float16 and bool(getattr(bundle.vae.config, "force_upcast", False))
+    upcast = getattr(family, "vae_upcast_in_fp16", None)  # optional family member
+    return target == torch.float16 and upcast is not None and bool(upcast(bundle))
 
 
 def with_custom_words(bundle: Any, encoder: Any, embeddings: Sequence[str], log_fn: Callable[[str], None]) -> Any:

@@ -113,13 +113,13 @@ def apply_emphasis(hidden: "torch.Tensor", weights: "torch.Tensor") -> "torch.Te
 
 
 def enable_emphasis(encoder: Any) -> Any:
-    """Switch emphasis on for an SD or SDXL prompt encoder (possibly wrapped for custom words);
-    a :class:`~hcp_core.errors.ConfigError` for any other (FLUX, SD3: their T5 has no such rule).
-    Returns ``encoder``."""
-    from .conditioning import SdxlPromptEncoder
+    """Switch emphasis on for a CLIP :class:`~hcp_core.models.text_encoding.PromptEncoder` (SD;
+    possibly wrapped for custom words) or an encoder whose ``emphasis_parts`` lists only such
+    encoders (SDXL's); a :class:`~hcp_core.errors.ConfigError` for any other (FLUX, SD3: their T5
+    has no such rule). Returns ``encoder``."""
     from .text_encoding import PromptEncoder
 
-    parts = encoder.encoders if isinstance(encoder, SdxlPromptEncoder) else [encoder]
+    parts = getattr(encoder, "emphasis_parts", None) or [encoder]
     if not all(isinstance(part, PromptEncoder) for part in parts):
         raise ConfigError(
             f"model.prompt_emphasis = true: this model's prompt encoder ({type(encoder).__name__}) does not support "

@@ -81,3 +81,20 @@ def load_with_family(
     registry = registry if registry is not None else get_registry()
     fam = build_family(family_component(pretrained, registry=registry, family=family, config=config, option=option))
     return fam, fam.load(str(pretrained), config=config, prediction_type=prediction_type)
+
+
+def family_of(models: ModelBundle, *, registry: Optional[Registry] = None) -> Any:
+    """The family registered under ``models.kind``, built with its config's defaults: what renders
+    or writes a bundle when the family that loaded it is not at hand (a script, a test).
+
+    ``registry`` defaults to the process-wide one; a kind no installed family is named after is a
+    :class:`UserError`.
+    """
+    from ..plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    kind = str(getattr(models, "kind", "sd"))
+    if kind not in registry.models.names():
+        raise UserError(f"no installed model family is named {kind!r} (the model's kind); installed: "
+                        f"{', '.join(registry.models.names()) or 'none'}")  # fmt: skip
+    return build_family(registry.models.get(kind))

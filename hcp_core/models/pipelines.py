@@ -1,4 +1,4 @@
-"""diffusers pipeline classes, imported without noise that is not for hcp's users.
+"""diffusers pipeline classes (by class name), imported without noise that is not for hcp's users.
 
 Importing diffusers' Stable Diffusion pipelines imports transformers' image processors, and
 transformers 5 then warns that the optional torchvision is not installed. hcp never uses an image
@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-#: The pipeline class of each model kind.
-PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
-
-def pipeline_class(kind: str) -> Any:
-    """diffusers' pipeline class for models of ``kind`` ("sd" or "sdxl")."""
+def pipeline_class(name: str) -> Any:
+    """diffusers' pipeline class ``name`` (e.g. "StableDiffusionXLPipeline"), imported quietly."""
     from transformers.utils import logging as transformers_logging
 
-    name = PIPELINE_CLASSES[kind]
     before = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:

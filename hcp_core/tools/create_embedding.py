@@ -165,11 +165,11 @@ def _load_text_parts(model: str) -> Dict[str, Tuple[Any, "torch.Tensor"]]:
                    getattr(transformers, str(classes[part])).from_pretrained(str(path / part)))
             for part in found
         }  # fmt: skip
-    else:  # a single-file checkpoint: the full loader knows how
+    else:  # a single-file checkpoint: the family that reads lone files loads it whole
         from ..models.custom_words import parts_of
-        from ..models.loading import load_models
+        from ..models.family import load_with_family
 
-        bundle = load_models(model)
+        _, bundle = load_with_family(model)
         loaded = {part: (getattr(bundle, _TOKENIZER_OF[part]), bundle.part(part)) for part in parts_of(bundle)}
     return {part: (tok, enc.get_input_embeddings().weight.detach()) for part, (tok, enc) in loaded.items()}
 

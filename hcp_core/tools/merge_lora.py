@@ -20,7 +20,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UserError
 from ..generation.params import parse_lora_spec
@@ -55,11 +55,6 @@ def _stored_dtype(part_dir: Path):
     import torch
 
     return next(iter(_stored_dtypes(part_dir).values()), torch.float32)
-
-
-def text_encoder_state(text_encoder) -> Dict[str, "object"]:
-    """The text encoder's weights under standard (transformers 4, webui) names: ``text_model.*``."""
-    return canonical_state_dict("text_encoder", text_encoder)
 
 
 def _is_weight_file(name: str) -> bool:
@@ -176,7 +171,7 @@ def merge_lora(
     appliers = [(find_file_adapter(registry, path), path, weight) for path, weight in loras]
     component = family_component(str(src), registry=registry, family=family)
     fam = build_family(component)
-    if single_file is not None and not getattr(fam, "writes_single_file", False):  # optional family member
+    if single_file is not None and getattr(fam, "write_single_file", None) is None:  # optional family member
         raise UserError(f"--single-file: {component.name} models have no single-file layout in hcp; leave "
                         "--single-file out: the merged diffusers folder is complete.")
     models = fam.load(str(src))
@@ -204,29 +199,27 @@ def merge_lora(
         write_part(modules[part], part, dst / part, stored[part])
 
     if single_file is not None:
-        write_single_file(models, Path(single_file), _stored_dtype(src / "unet"))
+        write_single_file(models, Path(single_file), _stored_dtype(src / "unet"), family=fam)
     return dst
 
 
-def write_single_file(models, path: Path, dtype) -> Path:
-    """Write ``models`` (SD 1.x or SDXL) as one original-layout checkpoint at ``path``, tensor by
-    tensor (no copy of the model in ``dtype`` exists at once)."""
-    from .ldm_checkpoint import ldm_state_dict, single_file_problem
-    from .safetensors_writer import write_safetensors
+def write_single_file(models, path: Path, dtype, *, family: Any = None) -> Path:
+    """Write ``models`` as one original-layout checkpoint at ``path`` (SD 1.x, SDXL) by its family's
+    optional ``write_single_file`` (``family``: by default the one registered under
+    ``models.kind``), after its optional ``single_file_problem`` found nothing against it."""
+    from ..models.family import family_of
 
-    problem = single_file_problem(models)
+    fam = family if family is not None else family_of(models)
+    writer = getattr(fam, "write_single_file", None)  # optional family members
+    check = getattr(fam, "single_file_problem", None)
+    problem = check(models) if check is not None else None
+    if writer is None:
+        problem = f"{models.kind} models have no single-file layout in hcp; the diffusers folder is complete"
     if problem is not None:
         raise UserError(f"--single-file: {problem}.")
     if path.suffix != ".safetensors":
         raise UserError(f"--single-file {path}: give a .safetensors path")
-    state = ldm_state_dict(
-        models.unet.state_dict(), dict(models.unet.config),
-        models.vae.state_dict(), dict(models.vae.config),
-        text_encoder_state(models.text_encoder),
-        text_encoder_state(models.text_encoder_2) if models.kind == "sdxl" else None,
-        deferred=True,
-    )  # fmt: skip
-    return write_safetensors(path, state, dtype=dtype, metadata={"format": "pt"})
+    return writer(models, path, dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:

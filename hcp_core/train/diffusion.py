@@ -1,4 +1,7 @@
-"""The diffusion maths of one training step: noise, timesteps, targets, SNR weights.
+"""The randomness of one training step, shared by every family: per-sample seeds, noise and
+timesteps, and the guided prediction of DreamArtist (:class:`TrainingGuidance`, which a prompt
+encoder hands to its family). Each family's objective (targets, SNR weights) is its own: the DDPM
+maths of SD/SDXL live in the ``sd`` family plugin, flow matching in the flow families'.
 
 Noise and timesteps are drawn per sample from a generator keyed on (seed, step, sample id), so
 they do not depend on batch layout or process count: a 2-process run draws the same noise as a
@@ -46,29 +49,6 @@ def draw_noise_and_timesteps(
     noise = torch.stack(noises).to(device=latents.device, dtype=latents.dtype)
     timesteps = torch.cat(steps).to(latents.device)
     return noise, timesteps
-
-
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction type {prediction_type!r}")
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alpha_bar / (1.0 - alpha_bar)
-
-
-def min_snr_weights(snr_values: torch.Tensor, gamma: Optional[float], prediction_type: str) -> Optional[torch.Tensor]:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma)/SNR, or /(SNR+1) for v-prediction."""
-    if gamma is None:
-        return None
-    clipped = torch.clamp(snr_values, max=gamma)
-    return clipped / (snr_values + 1.0) if prediction_type == "v_prediction" else clipped / snr_values
 
 
 @attrs.frozen

@@ -2,9 +2,8 @@
 
 Images go to ``<exp_dir>/samples/step-<N>/<k>.png`` (prompt ``k``, seed ``seed + k``) with a
 ``grid.png`` of them all, and to every tracker (``train.trackers``) as ``samples/<k>``. Rendering is
-:func:`hcp_core.generation.render.render_image`, the same call ``hcp generate`` makes, on the
-training modules themselves: LoRA branches, custom words and clip skip apply as in training.
-SD 1.x/2.x and SDXL models both sample (SDXL through ``StableDiffusionXLPipeline``).
+the model family's ``render``, the same call ``hcp generate`` makes, on the training modules
+themselves: LoRA branches, custom words and clip skip apply as in training.
 
 Sampling leaves training exactly as it was: every global RNG state is saved and restored around
 it (the noise comes from its own seeded generators anyway), modules return to their train/eval
@@ -101,7 +100,7 @@ class SampleRenderer:
         self.writer = writer
         #: The run's optimizer: a schedule-free one swaps its averaged weights in while rendering.
         self.optimizer = optimizer
-        #: The model family's renderer; None renders SD/SDXL with render_image.
+        #: The model family's renderer; None: render_image (the family of ``models.kind``).
         self.render = render
         width, height = config.resolution(default_size)
         self.params = [

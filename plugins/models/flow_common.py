@@ -229,7 +229,7 @@ class FlowMatchingFamily:
         a diffusers folder, or a single-file transformer checkpoint (BFL's / Stability's original
         layout or diffusers' names, read by diffusers' ``from_single_file``) whose other parts and
         configs come from the diffusers folder ``config``."""
-        from hcp_core.models.loading import _weights_variant
+        from hcp_core.models.loading import weights_variant
         from hcp_core.models.pipelines import quiet_progress_bars
 
         self.check_prediction_type(prediction_type)
@@ -244,7 +244,7 @@ class FlowMatchingFamily:
             kwargs: Dict[str, Any] = {"local_files_only": True}
             if part in self.spec.module_parts:
                 kwargs["torch_dtype" if hasattr(cls, "load_config") else "dtype"] = torch.float32
-                variant = _weights_variant(path / part)
+                variant = weights_variant(path / part)
                 if variant:
                     kwargs["variant"] = variant
             try:

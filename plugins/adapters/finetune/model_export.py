@@ -29,8 +29,9 @@ from hcp_core.errors import ConfigError, UserError
 from hcp_core.fileio import atomic_folder
 from hcp_core.interfaces import ModelBundle
 from hcp_core.models.module_names import canonical_path
-from hcp_core.tools.ldm_checkpoint import ldm_state_dict, single_file_problem
-from hcp_core.tools.safetensors_writer import write_safetensors, write_sharded
+from hcp_core.tools.safetensors_writer import write_sharded
+from hcp_plugins.models.stable_diffusion.single_file import single_file_problem
+from hcp_plugins.models.stable_diffusion.single_file import write_single_file as write_original_layout
 
 #: Export dtype names of the ``[finetune]`` table.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -89,14 +90,10 @@ def pipeline_class_name(models: ModelBundle) -> str:
 
 def _pipeline(models: ModelBundle) -> Any:
     """The diffusers pipeline around the bundle's modules (nothing copied), for its model_index.json."""
-    import diffusers
-
     from hcp_core.models import pipelines
 
     name = pipeline_class_name(models)
-    # SD / SDXL through hcp's quiet import (no torchvision warning); others straight from diffusers
-    quiet = pipelines.PIPELINE_CLASSES.get(models.kind) == name
-    cls = pipelines.pipeline_class(models.kind) if quiet else getattr(diffusers, name)
+    cls = pipelines.pipeline_class(name)  # hcp's quiet import (no torchvision warning)
     kwargs: Dict[str, Any] = {}
     for arg, param in inspect.signature(cls.__init__).parameters.items():
         if arg == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
@@ -159,12 +156,4 @@ def write_single_file(models: ModelBundle, base: BaseWeights, path: Path, dtype:
                       metadata: Optional[Dict[str, str]] = None) -> Path:
     """The whole model (SD 1.x or SDXL) as one original-layout ``.safetensors`` at ``path``, in ``dtype``."""
     check_single_file(models)
-    sdxl = models.kind == "sdxl"
-    state = ldm_state_dict(
-        base.state("unet", models.unet), dict(models.unet.config),
-        base.state("vae", models.vae), dict(models.vae.config),
-        base.state("text_encoder", models.text_encoder),
-        base.state("text_encoder_2", models.text_encoder_2) if sdxl else None,
-        deferred=True,
-    )  # fmt: skip
-    return write_safetensors(path, state, dtype=dtype, metadata={"format": "pt", **(metadata or {})})
+    return write_original_layout(models, path, dtype, part_state=base.state, metadata=metadata)

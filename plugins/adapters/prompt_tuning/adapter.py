@@ -56,7 +56,7 @@ EXPORT_DIR = "embeddings"
 EXPORT_SUFFIXES = (".pt", ".safetensors")
 #: Two-CLIP words (SDXL, SD3) are exported as safetensors only: the layout every SDXL tool reads.
 SDXL_EXPORT_SUFFIXES = (".safetensors",)
-#: Model kinds whose family trains DreamArtist's guided prediction (plugins/models/stable_diffusion.py).
+#: Model kinds whose family trains DreamArtist's guided prediction (plugins/models/stable_diffusion/).
 GUIDED_KINDS = ("sd", "sdxl")
 
 

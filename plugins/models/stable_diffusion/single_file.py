@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from ..errors import UserError
+from hcp_core.errors import UserError
+from hcp_core.models.module_names import canonical_state_dict
+from hcp_core.tools.safetensors_writer import write_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -248,3 +251,32 @@ def single_file_problem(models: Any) -> Optional[str]:
         return ("SD 2.x models (OpenCLIP text encoder) have no single-file writer in hcp yet (only SD 1.x and "
                 "SDXL); use the diffusers folder for this model")
     return None
+
+
+def module_state(part: str, module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A part's tensors as the single file takes them: the module's own, a CLIP text encoder's
+    under the standard (transformers 4, webui) names ``text_model.*``."""
+    return canonical_state_dict("text_encoder", module) if part.startswith("text_encoder") else module.state_dict()
+
+
+def write_single_file(
+    models: Any,
+    path: Path,
+    dtype: torch.dtype,
+    *,
+    part_state: Callable[[str, torch.nn.Module], Mapping[str, torch.Tensor]] = module_state,
+    metadata: Optional[Dict[str, str]] = None,
+) -> Path:
+    """Write ``models`` (SD 1.x or SDXL: check :func:`single_file_problem` first) as one
+    original-layout ``.safetensors`` at ``path`` in ``dtype``, tensor by tensor (no copy of the
+    model in ``dtype`` exists at once). ``part_state(part, module)`` gives each part's tensors
+    (default :func:`module_state`; the fine-tune exporter passes its base weights')."""
+    sdxl = models.kind == "sdxl"
+    state = ldm_state_dict(
+        part_state("unet", models.unet), dict(models.unet.config),
+        part_state("vae", models.vae), dict(models.vae.config),
+        part_state("text_encoder", models.text_encoder),
+        part_state("text_encoder_2", models.text_encoder_2) if sdxl else None,
+        deferred=True,
+    )  # fmt: skip
+    return write_safetensors(path, state, dtype=dtype, metadata={"format": "pt", **(metadata or {})})

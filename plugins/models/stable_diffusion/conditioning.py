@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import ConfigError
-from ..interfaces import ModelBundle
-from .text_encoding import EncodedPrompts, PromptEncoder, num_encoder_layers
+from hcp_core.errors import ConfigError
+from hcp_core.interfaces import ModelBundle
+from hcp_core.models.text_encoding import EncodedPrompts, PromptEncoder, num_encoder_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -73,6 +73,11 @@ class SdxlPromptEncoder:
             PromptEncoder(models.tokenizer, models.text_encoder, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
             PromptEncoder(models.tokenizer_2, models.text_encoder_2, clip_skip=skip, max_chunks=max_chunks, norm_after_skip=False),
         ]
+
+    @property
+    def emphasis_parts(self) -> list:
+        """The encoders ``(word:1.2)`` emphasis switches on (:func:`hcp_core.models.emphasis.enable_emphasis`)."""
+        return self.encoders
 
     @property
     def uses(self) -> Optional[Dict[str, int]]:

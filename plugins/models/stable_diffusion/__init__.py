@@ -2,13 +2,17 @@
 
 A UNet denoiser with CLIP text encoders (SDXL: two, plus pooled embeddings and size/crop time
 ids), a VAE with 4 latent channels, and the DDPM objective: per-sample noise and timesteps, the
-epsilon or v-prediction target, optional noise offset and min-SNR weighting. The building blocks
-(loading, CLIP prompt encoding, the DDPM objective, rendering) are hcp's shared model code in
-:mod:`hcp_core.models` and :mod:`hcp_core.train.diffusion`; this class is what ties them into
-one family behind the ``hcp_register_models`` hook.
+epsilon or v-prediction target, optional noise offset and min-SNR weighting. The family's own
+code lives beside this class: :mod:`.loading` (diffusers folders and single files),
+:mod:`.conditioning` (the UNet's text conditioning; SDXL's pooled embeddings and time ids),
+:mod:`.ddpm` (targets, SNR, min-SNR weights), :mod:`.render` (images through diffusers' pipelines)
+and :mod:`.single_file` (the original LDM/SGM single-file layout). What every family shares (CLIP
+chunking in :mod:`hcp_core.models.text_encoding`, per-sample noise in :mod:`hcp_core.train.diffusion`)
+is hcp's core; this class ties it all into one family behind the ``hcp_register_models`` hook.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ContextManager, List, Mapping, Optional
 
 import torch
@@ -23,8 +27,6 @@ class StableDiffusionFamily:
     parts = ("unet", "text_encoder", "text_encoder_2")
     #: ``hcp generate --embeddings`` works (custom words in the CLIP encoders).
     custom_words = True
-    #: ``merge-lora --single-file`` writes the original (LDM/SGM) single-file layout.
-    writes_single_file = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
@@ -32,14 +34,14 @@ class StableDiffusionFamily:
     # ------------------------------------------------------------------ loading
     def load(self, pretrained: str, *, config: Optional[str] = None, prediction_type: Optional[str] = None) -> ModelBundle:
         """The model at ``pretrained`` (diffusers folder or single file), frozen, in fp32."""
-        from hcp_core.models.loading import load_models
+        from .loading import load_models
 
         return load_models(pretrained, prediction_type=prediction_type, config=config)
 
     def load_skeleton(self, pretrained: str, *, config: Optional[str] = None,
                       prediction_type: Optional[str] = None) -> Optional[ModelBundle]:
         """The model's modules on the ``meta`` device (no weights read); None for a lone single file."""
-        from hcp_core.models.loading import load_model_skeleton
+        from .loading import load_model_skeleton
 
         return load_model_skeleton(pretrained, prediction_type=prediction_type, config=config)
 
@@ -52,19 +54,36 @@ class StableDiffusionFamily:
         under ``model.vae_dtype = "auto"``."""
         return models.kind == "sd"
 
+    def vae_upcast_in_fp16(self, models: ModelBundle) -> bool:
+        """SDXL's VAE overflows in fp16: fp16 generation keeps it in fp32 when its config says
+        ``force_upcast`` (fixed fp16 VAEs say false)."""
+        return models.kind == "sdxl" and bool(getattr(models.vae.config, "force_upcast", False))
+
     def default_layers(self, part: str) -> List[str]:
         """What a LoRA group on ``part`` targets without ``layers``: the UNet's transformer blocks
         (kohya's default) and the CLIP encoders' attention and MLP layers (see :mod:`.default_layers`)."""
-        from .default_layers import STABLE_DIFFUSION, patterns_for
+        from ..default_layers import STABLE_DIFFUSION, patterns_for
 
         return patterns_for(STABLE_DIFFUSION, part)
 
     # ------------------------------------------------------------------ prompts
     def prompt_encoder(self, models: ModelBundle, *, clip_skip: int = 0) -> Any:
         """CLIP prompt encoding with webui-style 75-token chunks and clip skip (SDXL: both encoders)."""
-        from hcp_core.models.conditioning import make_prompt_encoder
+        from .conditioning import make_prompt_encoder
 
         return make_prompt_encoder(models, clip_skip=clip_skip)
+
+    def clip_skip_problem(self, models: ModelBundle, clip_skip: int) -> Optional[str]:
+        """Why ``clip_skip`` is out of range for ``models`` (their CLIP layers less one; SDXL less
+        one more, it already conditions on the penultimate layer), or None."""
+        from .conditioning import max_clip_skip
+
+        limit = max_clip_skip(models)
+        if clip_skip <= limit:
+            return None
+        if models.kind == "sdxl":
+            return f"this SDXL model allows 0 to {limit} (it already uses the penultimate layer)"
+        return f"this model allows 0 to {limit}"
 
     # ------------------------------------------------------------------ the objective
     def training_prediction(
@@ -85,8 +104,10 @@ class StableDiffusionFamily:
 
         With an encoder that carries a :class:`~hcp_core.train.diffusion.TrainingGuidance`
         (DreamArtist), the prediction is the guided one of the prompts and their negative prompts."""
-        from hcp_core.models.conditioning import unet_conditioning
-        from hcp_core.train.diffusion import draw_noise_and_timesteps, min_snr_weights, snr, training_target
+        from hcp_core.train.diffusion import draw_noise_and_timesteps
+
+        from .conditioning import unet_conditioning
+        from .ddpm import min_snr_weights, snr, training_target
 
         scheduler = models.scheduler
         noise, t = draw_noise_and_timesteps(
@@ -112,16 +133,30 @@ class StableDiffusionFamily:
     def sampling_pipeline(self, models: ModelBundle, sampler: str) -> Any:
         """diffusers' SD or SDXL pipeline around ``models`` with the ``sampler`` hcp names (for
         batches of plain prompts: ``hcp tools gen-from-prompts``)."""
-        from hcp_core.generation.render import build_diffusers_pipeline
+        from .render import build_diffusers_pipeline
 
         return build_diffusers_pipeline(models, sampler)
 
     def render(self, models: ModelBundle, encoder: Any, params: Any, *,
                autocast: Callable[[], ContextManager]) -> Any:
         """One PIL image for generation parameters ``params`` with the models as they are now."""
-        from hcp_core.generation.render import render_image
+        from .render import render_image
 
         return render_image(models, encoder, params, autocast=autocast)
+
+    # ------------------------------------------------------------------ single files
+    def single_file_problem(self, models: ModelBundle) -> Optional[str]:
+        """Why ``models`` cannot be written as one original-layout file (SD 2.x), or None."""
+        from .single_file import single_file_problem
+
+        return single_file_problem(models)
+
+    def write_single_file(self, models: ModelBundle, path: Path, dtype: torch.dtype) -> Path:
+        """``models`` as one original-layout (LDM / SGM) ``.safetensors`` at ``path`` in ``dtype``,
+        the file webui and ComfyUI load (``hcp tools merge-lora --single-file``)."""
+        from .single_file import write_single_file
+
+        return write_single_file(models, path, dtype)
 
 
 def build_family(config: Any) -> StableDiffusionFamily:

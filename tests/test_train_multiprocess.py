@@ -16,23 +16,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(cfg, processes: int = 2) -> subprocess.CompletedProcess:
+    """``hcp run cfg`` under torchrun with ``processes`` CPU (gloo) processes."""
+    env = hcp_env()
+    env["MASTER_ADDR"] = "127.0.0.1"
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "hcp_core", "run", str(cfg)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
 def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tmp_path, demo_model_dir, demo_data_dir) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     cfg_one = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, one, max_steps=4, batch_size=2), "one.toml")
     cfg_two = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, two, max_steps=4, batch_size=1), "two.toml")
     single = hcp("run", str(cfg_one))
     assert single.returncode == 0, single.stderr
-    env = hcp_env()
-    env["MASTER_ADDR"] = "127.0.0.1"
-    double = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "hcp_core", "run", str(cfg_two)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    double = torchrun(cfg_two)
     assert double.returncode == 0, double.stderr[-3000:]
     # The engine compares a hash of every rank's trained weights at the end.
     assert "all 2 processes hold identical trained weights" in double.stderr
     # Only the main process writes: one log, one set of files.
     assert (two / "train.log").read_text().count("done: 4 steps") == 1
     # Adam steps of size ~lr turn float reduction-order noise into ~1e-5 differences.
+    assert_same_tensors(load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors")), exact=False, atol=1e-4)
+
+
+FLUX_LORA = """
+[[lora_transformer]]
+lr = 1e-2
+rank = 2
+alpha = 2.0
+"""
+
+
+def test_a_flux_lora_trains_on_two_processes_like_on_one(tmp_path, flux_model_dir, demo_data_dir) -> None:
+    """The flow-matching family under torchrun: packed latents, per-sample sigmas and text ids are
+    drawn per sample, so two ranks with half the batch each equal one process with the whole batch."""
+    import hcp_core
+
+    fixed = 'bucket = { type = "fixed", target_size = [64, 64] }'
+    ratio = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
+    one, two = tmp_path / "one", tmp_path / "two"
+    texts = {exp: pipeline_toml(flux_model_dir, demo_data_dir, exp, adapters=FLUX_LORA, max_steps=2, batch_size=size)
+             .replace(ratio, fixed) for exp, size in ((one, 2), (two, 1))}
+    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, texts[one], "one.toml")))
+    double = torchrun(write_pipeline(tmp_path, texts[two], "two.toml"))
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "all 2 processes hold identical trained weights" in double.stderr
     assert_same_tensors(load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors")), exact=False, atol=1e-4)

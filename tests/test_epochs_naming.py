@@ -165,3 +165,25 @@ def test_log_file_gets_a_loss_line_every_log_every_steps_under_a_progress_bar(tm
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert [line.split(" loss")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
     assert "lr 5.000e-04" in lines[-1] and console.stream.getvalue() == ""  # the bar shows it on the terminal
+
+
+def test_check_says_what_epochs_come_to_and_reports_the_validation_images(tmp_path, demo_model_dir, demo_data_dir,
+                                                                          capsys) -> None:
+    from hcp_core import cli
+    from hcp_core.tools.create_embedding import create_embedding
+
+    emb = tmp_path / "emb"
+    create_embedding(str(demo_model_dir), "my-cat", 2, out=str(emb), seed=1)
+    cfg = _pipeline(tmp_path, demo_model_dir, demo_data_dir, emb, 2)
+    with open(cfg, "a", encoding="utf-8") as f:
+        f.write(f'\n[validation]\n[validation.split.reg]\ncount = 3\n\n[validation.data.extra]\n'
+                f'bucket = {{ type = "fixed", target_size = [64, 64] }}\n'
+                f'[[validation.data.extra.sources]]\ntype = "image_folder"\nimg_root = "{tmp_path / "missing"}"\n')
+    assert cli.main(["check", str(cfg)]) == 2  # the validation dataset's folder does not exist
+    out = capsys.readouterr().out
+    # data.reg keeps 9 of its 12 images: 3 batches of 4; data.ds 24 samples in 4 batches of 6 is the longest.
+    batches = max(math.ceil(DS_SAMPLES / DS_BATCH), math.ceil((REG_SAMPLES - 3) / REG_BATCH))
+    assert (f"train: 2 epoch(s) of data.ds ({batches} batches each, gradient_accumulation {ACCUMULATION}) = "
+            f"{math.ceil(2 * batches / ACCUMULATION)} optimizer steps") in out
+    assert "validation.split.reg: 3 image(s) in 1 bucket(s), 0 problem(s)" in out
+    assert re.search(r"validation\.data\.extra: ERROR: .*missing", out), out

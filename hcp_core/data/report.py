@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from ..errors import UserError
 from ..interfaces import Problem
@@ -82,33 +82,44 @@ def check_data(
     latent_factor: Optional[int] = None,
     size_multiple: Optional[int] = None,
     native_size: Optional[Tuple[int, int]] = None,
+    prepared_out: Optional[Dict[str, PreparedDataset]] = None,
 ) -> bool:
-    """The data part of ``hcp check``: per dataset the bucket table and every problem.
+    """The data part of ``hcp check``: per dataset the bucket table and every problem, then the
+    ``[validation]`` images (held out of a training dataset, or datasets of their own).
 
     Images are decoded in full (a header cannot reveal a truncated file; the run verifies them
     too, so both see the same buckets) unless ``verify_images`` is False (headers only: fast, but
     truncated files go unnoticed). ``native_size`` (the model's (w, h) resolution) enables the
     warning on buckets far above it (:mod:`hcp_core.data.size_checks`). Returns False when a
     dataset cannot be trained at all, or, with ``strict``, when any file has a problem.
+    ``prepared_out`` receives each training dataset as prepared (e.g. to work out ``train.epochs``).
     """
     ok = True
     registry = registry if registry is not None else getattr(pipeline, "registry", None)
-    for name, config in pipeline.data.items():
+
+    def prepare(label: str, name: str, config: Any, select: Any) -> Optional[PreparedDataset]:
+        nonlocal ok
         try:
-            prepared = prepare_dataset(
+            return prepare_dataset(
                 name, config, registry=registry, base_dir=pipeline.base_dir, seed=pipeline.seed,
                 verify_images=verify_images, latent_factor=latent_factor or DEFAULT_LATENT_FACTOR, size_multiple=size_multiple,
-                select=split_selector(pipeline, name, held=False),  # the training side, as the run buckets it
+                select=select,
             )  # fmt: skip
         except EmptyDatasetError as exc:
-            print(f"data.{name}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)
+            print(f"{label}: ERROR: no usable images; {len(exc.problems)} problem(s):", file=out)
             print(format_problems(exc.problems), file=out)
-            ok = False
-            continue
         except UserError as exc:
-            print(f"data.{name}: ERROR: {exc}", file=out)
-            ok = False
+            print(f"{label}: ERROR: {exc}", file=out)
+        ok = False
+        return None
+
+    for name, config in pipeline.data.items():
+        # The training side of a held-out split, as the run buckets it.
+        prepared = prepare(f"data.{name}", name, config, split_selector(pipeline, name, held=False))
+        if prepared is None:
             continue
+        if prepared_out is not None:
+            prepared_out[name] = prepared
         print(bucket_table(prepared), file=out)
         for warning in size_warnings(prepared, native_size):
             print(f"warning: {warning}", file=out)
@@ -120,4 +131,18 @@ def check_data(
             print(f"data.{name}: no problems found", file=out)
         if config.cache_latents and not prepared.bucket.deterministic:
             print(f"data.{name}: note: cache_latents needs crop = \"center\"; with random crops latents are not cached", file=out)
+    validation = getattr(pipeline, "validation", None)
+    if validation is not None:  # what the run evaluates: held-out images and datasets of their own
+        held = [(f"validation.split.{n}", n, pipeline.data[n], split_selector(pipeline, n, held=True))
+                for n in validation.split if n in pipeline.data]
+        own = [(f"validation.data.{n}", n, c, None) for n, c in validation.data.items()]
+        for label, name, config, select in held + own:
+            prepared = prepare(label, name, config, select)
+            if prepared is None:
+                continue
+            print(f"{label}: {len(prepared.records)} image(s) in {len(prepared.stats())} bucket(s), "
+                  f"{len(prepared.problems)} problem(s)", file=out)
+            if prepared.problems:
+                print(format_problems(prepared.problems), file=out)
+                ok = ok and not strict
     return ok

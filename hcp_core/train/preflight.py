@@ -93,6 +93,22 @@ def check_pipeline(
     except UserError as exc:
         print(f"model: ERROR: {exc}", file=out)
         ok = False
+    prepared: dict = {}
     data_ok = check_data(pipeline, out, registry=registry, strict=strict, verify_images=verify_images,
-                         latent_factor=factor, size_multiple=multiple, native_size=native)
+                         latent_factor=factor, size_multiple=multiple, native_size=native, prepared_out=prepared)
+    if pipeline.train.epochs is not None and len(prepared) == len(pipeline.data):
+        print(run_length(pipeline, prepared), file=out)
     return ok and data_ok
+
+
+def run_length(pipeline: Any, prepared: Any) -> str:
+    """The line ``hcp check`` prints for ``train.epochs``: how many optimizer steps they come to."""
+    from .epochs import epoch_plan
+
+    try:
+        plan = epoch_plan(pipeline.train, {name: sum(s.batches for s in p.stats()) for name, p in prepared.items()})
+    except UserError as exc:
+        return f"train: ERROR: {exc}"
+    return (f"train: {plan.epochs} epoch(s) of data.{plan.dataset} ({plan.batches} batches each, gradient_accumulation "
+            f"{plan.accumulation}) = {plan.total_steps} optimizer steps on one process (N processes split each "
+            "epoch's batches N ways)")

@@ -152,3 +152,24 @@ def test_hcp_reads_a_kohya_flux_file_as_the_same_lora(flux_model_dir, tmp_path) 
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(LoraFileError, match=r"'double_blocks\.0\.img_attn\.qkv' has 5 outputs but the model's layers have 96"):
         apply_lora_file(flux_bundle(flux_model_dir), tmp_path / "wrong.safetensors")
+
+
+def test_a_run_continues_from_a_kohya_flux_file(flux_model_dir, tmp_path) -> None:
+    """``init_from`` reads a kohya FLUX file: the fused layers split back to each member's own LoRA at
+    its own rank (a block-diagonal qkv of three rank-4 LoRAs is three rank-4 LoRAs again), so the
+    continued model starts exactly where the file left off."""
+    bundle = flux_bundle(flux_model_dir)
+    adapter = trained(bundle, {"transformer": list(GROUPS), "text_encoder": list(TE_GROUPS)}, tmp_path / "a",
+                      format="kohya")
+    inputs = flux_inputs(bundle)
+    ours = outputs(bundle, inputs)
+    [path] = adapter.export(bundle, str(tmp_path / "a"), None)
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(path))
+
+    seeded = {part: [LoraGroupConfig(layers=g.layers, rank=1, alpha=1.0, init_from=path) for g in groups]
+              for part, groups in (("transformer", GROUPS), ("text_encoder", TE_GROUPS))}
+    fresh = flux_bundle(flux_model_dir)
+    cont = build_lora_adapter(seeded, context=context(tmp_path / "b"))
+    cont.attach(fresh)
+    assert_close(ours, outputs(fresh, inputs), atol=1e-5)
+    assert cont.layers["transformer.transformer_blocks.0.attn.to_q"].branch.rank == 4  # the file's rank, not 3 x 4

@@ -27,7 +27,8 @@ from hcp_core.models.layer_select import LayerSelectionError, compile_pattern, m
 from .config import LoraGroupConfig, LoraOptions
 from .dora import DoraBranch
 from .layer import BRANCH_ATTR, LoraBranch, attach_branch, detach_branch, rank_for, warn_capped_ranks
-from .lora_file import KOHYA_WRITERS, LayerWeights, LoraFile, match_layers, read_lora_file, write_lora_file
+from .lora_file import (KOHYA_READERS, KOHYA_WRITERS, LayerWeights, LoraFile, LoraFileError, match_layers,
+                        read_lora_file, write_lora_file)
 from .naming import BASE_MODEL_VERSIONS, canonical_path, default_format, is_transformer_family, kohya_prefix
 from .svd import export_factors, max_svd_rank, restore_svd_start, svd_init
 from .weights import ExportLayer, LoraWeights
@@ -314,7 +315,7 @@ class LoraAdapter:
 
     def _match_file(self, lora: Any, target: str, model: nn.Module) -> LayerWeights:
         """The layers of ``lora`` that belong to ``target``, by (part, native path)."""
-        return match_layers(_only_target(lora, target, self._kind), {target: model}, self._kind)
+        return match_layers(_only_target(lora, target, self._kind, model), {target: model}, self._kind)
 
     def _warn_unused(self, seeded_from: Mapping[str, set]) -> None:
         for path, used in seeded_from.items():
@@ -479,8 +480,16 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _only_target(lora: LoraFile, target: str, kind: str) -> LoraFile:
-    """The part of ``lora`` that belongs to model part ``target``."""
+def _only_target(lora: LoraFile, target: str, kind: str, model: nn.Module) -> LoraFile:
+    """The part of ``lora`` that belongs to model part ``target`` (``model``)."""
+    reader = KOHYA_READERS.get(kind) if lora.layout == "kohya" else None
+    if reader is not None:  # FLUX's kohya names are BFL's, fused layers included: read them as dotted names
+        try:
+            layers = reader(lora.weights, {target: model}, lora.path)
+        except ValueError as exc:
+            raise LoraFileError(str(exc)) from None
+        keep = {k: v for k, v in layers.items() if k.startswith(target + ".")}  # other parts' names stay as read
+        return LoraFile(lora.path, "peft", keep, lora.metadata)
     if lora.layout == "kohya":
         try:
             prefix = kohya_prefix(target, kind) + "_"

@@ -61,3 +61,15 @@ def split_selector(pipeline: Any, name: str, *, held: bool) -> Optional[Callable
         return sides[1] if held else sides[0]
 
     return select
+
+
+def validation_sources(pipeline: Any) -> List[Tuple[str, str, Any, Optional[Callable[[List[ImageRecord]], List[ImageRecord]]]]]:
+    """``(key, name, dataset config, select)`` of every validation dataset of ``pipeline`` (none
+    without ``[validation]``): each held-out split (``validation.split.<name>``, the held side of
+    ``data.<name>``), then each dataset of its own (``validation.data.<name>``, ``select`` None)."""
+    validation = getattr(pipeline, "validation", None)
+    if validation is None:
+        return []
+    held = [(f"validation.split.{name}", name, pipeline.data[name], split_selector(pipeline, name, held=True))
+            for name in validation.split]
+    return held + [(f"validation.data.{name}", name, config, None) for name, config in validation.data.items()]

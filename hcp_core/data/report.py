@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from ..errors import UserError
 from ..interfaces import Problem
-from .holdout import split_selector
+from .holdout import split_selector, validation_sources
 from .prepare import DEFAULT_LATENT_FACTOR, EmptyDatasetError, PreparedDataset, prepare_dataset
 from .size_checks import size_warnings
 
@@ -131,18 +131,13 @@ def check_data(
             print(f"data.{name}: no problems found", file=out)
         if config.cache_latents and not prepared.bucket.deterministic:
             print(f"data.{name}: note: cache_latents needs crop = \"center\"; with random crops latents are not cached", file=out)
-    validation = getattr(pipeline, "validation", None)
-    if validation is not None:  # what the run evaluates: held-out images and datasets of their own
-        held = [(f"validation.split.{n}", n, pipeline.data[n], split_selector(pipeline, n, held=True))
-                for n in validation.split if n in pipeline.data]
-        own = [(f"validation.data.{n}", n, c, None) for n, c in validation.data.items()]
-        for label, name, config, select in held + own:
-            prepared = prepare(label, name, config, select)
-            if prepared is None:
-                continue
-            print(f"{label}: {len(prepared.records)} image(s) in {len(prepared.stats())} bucket(s), "
-                  f"{len(prepared.problems)} problem(s)", file=out)
-            if prepared.problems:
-                print(format_problems(prepared.problems), file=out)
-                ok = ok and not strict
+    for label, name, config, select in validation_sources(pipeline):  # what the run evaluates
+        prepared = prepare(label, name, config, select)
+        if prepared is None:
+            continue
+        print(f"{label}: {len(prepared.records)} image(s) in {len(prepared.stats())} bucket(s), "
+              f"{len(prepared.problems)} problem(s)", file=out)
+        if prepared.problems:
+            print(format_problems(prepared.problems), file=out)
+            ok = ok and not strict
     return ok

@@ -15,18 +15,18 @@ all-reduced, so the value does not depend on the process count beyond float roun
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
 import torch
 
 from ..data.dataset import BucketDataset, Collate
-from ..data.holdout import split_selector
+from ..data.holdout import validation_sources
 from ..data.images import parse_colour
 from ..data.prepare import DEFAULT_LATENT_FACTOR, PreparedDataset, prepare_dataset
+from ..models.modes import modules_in_eval
 from .optim import evaluation_weights
 
 log = logging.getLogger("hcp")
@@ -59,13 +59,8 @@ def fixed_batches(dataset: BucketDataset, batch_size: int) -> List[List[int]]:
 def prepare_validation(pipeline: Any, *, latent_factor: int = DEFAULT_LATENT_FACTOR,
                        size_multiple: Optional[int] = None) -> Dict[str, PreparedDataset]:
     """Scan and bucket every validation dataset of ``pipeline`` (none without ``[validation]``)."""
-    cfg = pipeline.validation
-    if cfg is None:
-        return {}
-    sources = [(name, pipeline.data[name], split_selector(pipeline, name, held=True)) for name in cfg.split]
-    sources += [(name, config, None) for name, config in cfg.data.items()]
     out: Dict[str, PreparedDataset] = {}
-    for name, config, select in sources:
+    for _, name, config, select in validation_sources(pipeline):
         out[name] = prepare_dataset(name, config, registry=pipeline.registry, base_dir=pipeline.base_dir, seed=pipeline.seed,
                                     verify_images=True, latent_factor=latent_factor, size_multiple=size_multiple,
                                     select=select)
@@ -103,7 +98,9 @@ class Validation:
         rank, world = acc.process_index, acc.num_processes
         sums = [0.0] * (2 * len(self.sets))  # per set: the loss sum, the sample count
         # A schedule-free optimizer's evaluation weights are what it exports: validate those.
-        with evaluation_mode(run.models), evaluation_weights(run.optimizer), torch.no_grad():
+        # Eval mode (dropout off), and the global RNG left as it was for the training steps.
+        with modules_in_eval(list(run.models.modules().values())), torch.random.fork_rng(devices=[]), \
+                evaluation_weights(run.optimizer), torch.no_grad():
             for k, vset in enumerate(self.sets):
                 for indices in vset.batches[rank::world]:  # each process a share; the sums are all-reduced
                     batch = vset.collate([vset.dataset[(i, 0)] for i in indices])
@@ -119,18 +116,3 @@ class Validation:
                 run.writer.add_scalar(f"val_loss/{name}", value, step)
         log.info("validation at step %d: %s", step, ", ".join(f"val_loss/{n} {v:.5f}" for n, v in values.items()))
         return values
-
-
-@contextlib.contextmanager
-def evaluation_mode(models: Any) -> Iterator[None]:
-    """Every model part in eval mode (dropout off), and the global RNG left as it was."""
-    # Each submodule's own flag: a frozen part may hold a trained (train-mode) adapter module.
-    modes: List[Tuple[torch.nn.Module, bool]] = [(sub, sub.training) for m in models.modules().values() for sub in m.modules()]
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for module in models.modules().values():
-                module.eval()
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training

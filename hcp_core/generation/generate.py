@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import attrs
 
+from ..data.size_checks import native_size
 from ..errors import ConfigError, UserError
 from ..registry import Registry
 from .params import MAX_SEED, GenerationParams, LoraSpec, parse_size
@@ -171,11 +172,8 @@ class LoadedModel:
     def native_size(self) -> Tuple[int, int]:
         """The denoiser's trained resolution in pixels: its ``sample_size`` latents (the UNet's;
         a transformer without one: 128, diffusers' FLUX default) times the latent factor."""
-        denoiser = self.models.unet if self.models.unet is not None else self.models.transformer
-        side = getattr(denoiser.config, "sample_size", None) or DEFAULT_LATENT_SIDE
-        height, width = (side, side) if isinstance(side, int) else tuple(side)
         factor = self.latent_factor()
-        return width * factor, height * factor
+        return native_size(self.models, factor) or (DEFAULT_LATENT_SIDE * factor, DEFAULT_LATENT_SIDE * factor)
 
     def latent_factor(self) -> int:
         if self.family is not None:

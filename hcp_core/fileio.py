@@ -87,7 +87,7 @@ def write_error(path: PathLike, exc: BaseException) -> Optional[FileWriteError]:
     return None
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: PathLike) -> None:
     """Make a rename durable; folders cannot be opened for fsync on every platform, hence the guard."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -132,7 +132,7 @@ def atomic_write(path: PathLike, writer: Callable[[str], None], *, durable: bool
         os.replace(tmp, target)
         tmp = None
         if durable:
-            _fsync_folder(folder)
+            fsync_folder(folder)
     except BaseException as exc:
         if tmp is not None:
             try:
@@ -171,7 +171,7 @@ def atomic_folder(path: PathLike, writer: Callable[[Path], None]) -> Path:
         tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_folder(str(target.parent))
+        fsync_folder(str(target.parent))
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

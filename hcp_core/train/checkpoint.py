@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..fileio import apply_default_mode
+from ..fileio import apply_default_mode, fsync_folder
 
 log = logging.getLogger("hcp")
 
@@ -89,17 +89,6 @@ def _tuplify(value: Any) -> Any:
     return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     exp_dir: str | os.PathLike,
     step: int,
@@ -129,7 +118,7 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(root)
+    fsync_folder(root)
     for stale in list_checkpoints(exp_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -144,7 +133,7 @@ def _write_files(folder: Path, step: int, trainable: Dict[str, torch.Tensor], tr
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(folder)
+    fsync_folder(folder)
 
 
 def _write_problem(exp_dir: str | os.PathLike, final: Path, exc: BaseException) -> CheckpointError:

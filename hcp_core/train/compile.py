@@ -131,10 +131,10 @@ class CompileWatch:
         self._hook.remove()
 
 
-def setup_compile(models: Any, options: Optional[CompileConfig], optimizer: Any, device: torch.device) -> Optional[CompileWatch]:
-    """Compile ``models.denoiser`` when ``options`` is set; returns the watch that logs the cost."""
+def setup_compile(models: Any, options: Optional[CompileConfig], optimizer: Any) -> Optional[CompileWatch]:
+    """Compile ``models.denoiser`` when ``options`` is set; returns the watch that logs the cost.
+    The backend was checked (:func:`check_backend`) before the model loaded."""
     if options is None:
         return None
-    check_backend(options, device)
     compile_denoiser(models.denoiser, options)
     return CompileWatch(optimizer)

@@ -168,8 +168,9 @@ def build_run(pipeline: Pipeline, *, resume: bool = False, overwrite: bool = Fal
     from accelerate.utils import set_seed
 
     acc = make_accelerator(pipeline)
-    if compile_options(pipeline.model.compile) is not None:  # refused before the model loads, not in step 1
-        check_backend(compile_options(pipeline.model.compile), acc.device)
+    compiling = compile_options(pipeline.model.compile)
+    if compiling is not None:  # refused before the model loads, not in step 1
+        check_backend(compiling, acc.device)
     exp_dir, lock = open_folder(pipeline, acc, resume=resume, overwrite=overwrite)
     try:
         set_seed(pipeline.seed)
@@ -222,13 +223,14 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
         (exp_dir / "config.toml").write_text(dumps(pipeline_to_dict(p)))
     family = model_family(p)
     models: ModelBundle = family.load(p.model.pretrained, prediction_type=p.model.prediction_type, config=p.model.config)
+    factor, multiple = family.latent_factor(models), size_multiple(family, models)
     data = build_train_data(p, registry=p.registry, rank=acc.process_index, world_size=acc.num_processes,
-                            latent_factor=family.latent_factor(models), size_multiple=size_multiple(family, models),
-                            verify_images=True, native_size=native_size(models, family.latent_factor(models)),
+                            latent_factor=factor, size_multiple=multiple, verify_images=True,
+                            native_size=native_size(models, factor),
                             pin_memory=acc.device.type == "cuda")  # pinned batches copy to the GPU asynchronously
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
     total_steps = run_plan(p, data).total_steps  # train.max_steps, or what train.epochs comes to
-    val_data = prepare_validation(p, latent_factor=family.latent_factor(models), size_multiple=size_multiple(family, models))
+    val_data = prepare_validation(p, latent_factor=factor, size_multiple=multiple)
     context = AdapterContext(exp_dir=str(exp_dir), base_dir=p.base_dir, clip_skip=p.model.clip_skip,
                              resolution=first_bucket, seed=p.seed,
                              extra={"max_steps": total_steps, OUTPUT_NAME: p.output_name},
@@ -255,7 +257,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     # adapters to train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
     grad_sync = grad_sync_for(acc, trained)
     optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
-    compiled = setup_compile(models, compile_options(p.model.compile), optimizer, acc.device)
+    compiled = setup_compile(models, compile_options(p.model.compile), optimizer)
     lr_scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     prompt_encoder = family.prompt_encoder(models, clip_skip=p.model.clip_skip)
     for _, adapter in adapters:  # e.g. prompt tuning expands custom words into their tokens
@@ -276,7 +278,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
         prompt_encoder=prompt_encoder, loss_fn=p.train.loss.build(),
         ema=Ema(trained, cfg.ema.decay) if cfg.ema.enabled else None, first_bucket=first_bucket, writer=writer,
     )  # fmt: skip
-    validation = Validation.build(p, val_data, latent_factor=family.latent_factor(models)) if val_data else None
+    validation = Validation.build(p, val_data, latent_factor=factor) if val_data else None
     return attrs.evolve(run, renderer=build_renderer(run), validation=validation, grad_sync=grad_sync,
                         compiled=compiled)
 

@@ -22,7 +22,8 @@ from hcp_core.errors import ConfigError, UserError
 from hcp_core.generation.params import GenerationParams
 from hcp_core.models.loading import ModelLoadError
 from hcp_core.train.diffusion import sample_seed
-from train_support import assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+from train_support import (assert_flow_load_errors, assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors,
+                           write_pipeline)
 
 RATIO_BUCKET = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
 FIXED_64 = 'bucket = { type = "fixed", target_size = [64, 64] }'
@@ -109,24 +110,9 @@ def test_load_gives_a_frozen_flux_bundle_and_the_skeleton_matches(flux, flux_mod
 
 
 def test_load_errors_name_the_problem(tmp_path, flux_model_dir) -> None:
-    fam = family()
-    broken = tmp_path / "broken"
-    shutil.copytree(flux_model_dir, broken)
-    shutil.rmtree(broken / "text_encoder_2")
-    for load in (fam.load, fam.load_skeleton):
-        with pytest.raises(ModelLoadError, match="text_encoder_2"):
-            load(str(broken))
-    (broken / "text_encoder_2").mkdir()  # present but empty
-    with pytest.raises(ModelLoadError, match="could not load the text_encoder_2"):
-        fam.load(str(broken))
-    single = tmp_path / "flux1-dev.safetensors"
-    single.write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="single-file FLUX.*diffusers folder"):
-        fam.load(str(single))
-    with pytest.raises(ModelLoadError, match="not found"):
-        fam.load(str(tmp_path / "nowhere"))
-    with pytest.raises(ModelLoadError, match="prediction_type"):
-        fam.load(str(flux_model_dir), prediction_type="epsilon")
+    assert_flow_load_errors(family(), flux_model_dir, tmp_path, part="text_encoder_2", single_name="flux1-dev.safetensors",
+                            single_message="single-file FLUX.*diffusers folder", prediction_type="epsilon",
+                            prediction_message="prediction_type")
 
 
 def test_a_single_file_transformer_loads_with_model_config(tmp_path, flux, flux_model_dir, demo_data_dir) -> None:

@@ -25,10 +25,10 @@ import hcp_core
 from hcp_core.config.pipeline import build_pipeline
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.generation.params import GenerationParams
-from hcp_core.models.loading import ModelLoadError
 from hcp_core.train.diffusion import sample_seed
 from test_flux_family import FIXED_64, OFF, RATIO_BUCKET, TRAIN, capture_inputs, expected_sigma, refused_before_loading
-from train_support import assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+from train_support import (assert_flow_load_errors, assert_meta_twin, assert_same_tensors, pipeline_toml, trained_tensors,
+                           write_pipeline)
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
@@ -126,24 +126,9 @@ def test_load_gives_a_frozen_sd3_bundle_and_the_skeleton_matches(sd3, sd3_model_
 
 
 def test_load_errors_name_the_problem(tmp_path, sd3_model_dir) -> None:
-    fam = family()
-    broken = tmp_path / "broken"
-    shutil.copytree(sd3_model_dir, broken)
-    shutil.rmtree(broken / "text_encoder_3")
-    for load in (fam.load, fam.load_skeleton):
-        with pytest.raises(ModelLoadError, match="text_encoder_3"):
-            load(str(broken))
-    (broken / "text_encoder_3").mkdir()  # present but empty
-    with pytest.raises(ModelLoadError, match="could not load the text_encoder_3"):
-        fam.load(str(broken))
-    single = tmp_path / "sd3.5_medium.safetensors"
-    single.write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="single-file SD3.*diffusers folder.*tokenizer_3/"):
-        fam.load(str(single))
-    with pytest.raises(ModelLoadError, match="not found"):
-        fam.load(str(tmp_path / "nowhere"))
-    with pytest.raises(ModelLoadError, match="prediction_type.*SD3"):
-        fam.load(str(sd3_model_dir), prediction_type="v_prediction")
+    assert_flow_load_errors(family(), sd3_model_dir, tmp_path, part="text_encoder_3", single_name="sd3.5_medium.safetensors",
+                            single_message="single-file SD3.*diffusers folder.*tokenizer_3/", prediction_type="v_prediction",
+                            prediction_message="prediction_type.*SD3")
 
 
 def test_a_single_file_transformer_loads_with_model_config(tmp_path, sd3, sd3_model_dir) -> None:

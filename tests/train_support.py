@@ -166,3 +166,33 @@ def assert_meta_twin(models: object, skeleton: object, parts: tuple) -> None:
         meta = dict(getattr(skeleton, name).named_parameters())
         assert {k: v.shape for k, v in meta.items()} == real, name
         assert all(v.is_meta for v in meta.values()), name
+
+
+def assert_flow_load_errors(fam: object, model_dir: Path, tmp_path: Path, *, part: str, single_name: str,
+                            single_message: str, prediction_type: str, prediction_message: str) -> None:
+    """A flow family's loader names the problem: a missing ``part`` folder (load and skeleton), an
+    empty one, a lone single file ``single_name`` without ``model.config``, a path that does not
+    exist and a ``prediction_type`` the family cannot train."""
+    import shutil
+
+    import pytest
+
+    from hcp_core.models.loading import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    shutil.rmtree(broken / part)
+    for load in (fam.load, fam.load_skeleton):
+        with pytest.raises(ModelLoadError, match=part):
+            load(str(broken))
+    (broken / part).mkdir()  # present but empty
+    with pytest.raises(ModelLoadError, match=f"could not load the {part}"):
+        fam.load(str(broken))
+    single = tmp_path / single_name
+    single.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=single_message):
+        fam.load(str(single))
+    with pytest.raises(ModelLoadError, match="not found"):
+        fam.load(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match=prediction_message):
+        fam.load(str(model_dir), prediction_type=prediction_type)

@@ -3,6 +3,8 @@
     python bench/bench_gpu.py --json $OUT/bench_gpu.json     # the full setting on a CUDA GPU (~3-5 min)
     python bench/bench_gpu.py --variants hcp,hcp-cached      # without the minimal loop
     python bench/bench_gpu.py --tiny --device cpu --steps 3 --warmup 1   # a smoke run of the script (CPU, < 1 min)
+    python bench/bench_gpu.py --variant-timeout 300 --deadline 520 --json $OUT/b.json   # on a leased machine
+    bash bench/gpu_checks.sh 545      # the prepared run for a leased GPU: preflight, then the above
 
 The setting (issue "Speed on the GPU", its reference table):
 
@@ -26,11 +28,13 @@ Variants, each in a fresh subprocess, one after another, each with the same fixe
 * ``hcp``: ``build_run(load_config(toml))`` + ``train(run)`` on the equivalent pipeline with hcp's
   defaults (``mixed_precision = "auto"``, i.e. bf16 on a GPU that has it; ``vae_dtype = "auto"``,
   i.e. a bf16 VAE there (the minimal loop keeps it fp32); fused
-  AdamW; ``max_grad_norm = 1.0`` clipping, which the minimal loop does not do; no workers);
+  AdamW; ``max_grad_norm = 1.0`` clipping, which the minimal loop does not do; ``num_workers =
+  "auto"``, i.e. up to 4 DataLoader workers on a GPU, or ``--workers N``);
 * ``hcp-cached``: the same with ``cache_latents = true`` (the VAE encodes each image once during
   set-up; the steps skip it). ``model.cache_text`` is not offered for SD and stays off.
-* ``hcp-compile``: defaults plus ``model.compile = true`` (inductor, dynamic shapes); its launch to
-  first step includes compiling, its s/step is the compiled step (the first steps are dropped);
+* ``hcp-compile``: defaults plus ``model.compile = true`` (inductor, ``dynamic = "auto"``: one
+  specialised graph for the one bucket; ``--compile`` sets another value); its launch to first
+  step includes compiling, its s/step is the compiled step (the first steps are dropped);
 * ``hcp-cached-compile``: cached latents + ``model.compile``, what a user switches on for a long
   run (the issue's >= 44 images/s target). On a CPU smoke run (``--tiny``) the compile variants
   use dynamo's ``eager`` backend (no C++ code generation): a check of the wiring, not a speed.
@@ -61,6 +65,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -216,7 +221,7 @@ def pipeline_toml(args: argparse.Namespace, exp_dir: str, *, cached: bool, compi
     backend, which checks the wiring without minutes of C++ compilation."""
     compile_line = ""
     if compiled:
-        compile_line = "compile = true" if args.device == "cuda" else 'compile = { backend = "eager" }'
+        compile_line = f"compile = {args.compile}" if args.device == "cuda" else 'compile = { backend = "eager" }'
     return f"""
 seed = {args.seed}
 exp_dir = {json.dumps(exp_dir)}
@@ -231,6 +236,7 @@ max_steps = {args.total_steps}
 [data.bench]
 batch_size = {args.batch}
 cache_latents = {"true" if cached else "false"}
+{"" if args.workers is None else f"num_workers = {args.workers}"}
 bucket = {{ type = "fixed", target_size = [{args.size}, {args.size}] }}
 
 [[data.bench.sources]]
@@ -254,7 +260,9 @@ def checkout_registry(force: bool = False) -> Any:
     import importlib.util
     import re
 
-    if not force and any(True for _ in md.entry_points(group="hcp")):
+    # Entry points alone are not enough: a checkout's own hcp.egg-info on PYTHONPATH lists them
+    # without hcp_plugins being importable.
+    if not force and any(True for _ in md.entry_points(group="hcp")) and importlib.util.find_spec("hcp_plugins"):
         return None
     from hcp_core.plugins import build_registry
 
@@ -321,25 +329,37 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- parent side
-def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path) -> Dict[str, Any]:
-    """Run one variant in a fresh process; its result, or ``{"error": ...}`` with the log's tail."""
+def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path,
+                timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run one variant in a fresh process (stopped after ``timeout`` seconds); its result, or
+    ``{"error": ...}`` with the log's tail."""
     log_path = work / f"{variant}.log"
     result_path = work / f"{variant}.result.json"
     launch = time.time()
     cmd = [sys.executable, __file__, "--worker", variant, "--model", str(args.model), "--data", str(data),
            "--work", str(work), "--total-steps", str(args.steps), "--seed", str(args.seed), "--device", args.device,
            "--size", str(args.size), "--batch", str(args.batch), "--result", str(result_path),
-           "--launch-time", repr(launch)]
+           "--launch-time", repr(launch), "--compile", args.compile]
+    cmd += [] if args.workers is None else ["--workers", str(args.workers)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # hcp picks CUDA whenever it sees one
     with open(log_path, "w") as log:
-        code = subprocess.call(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Its own process group, so that a timeout also stops inductor's compile workers.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+            error = f"exit code {code}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code, error = None, f"stopped after {timeout:.0f}s (time limit)"
     if args.json:
         shutil.copy(log_path, Path(args.json).with_suffix(f".{variant}.log"))
     if code != 0 or not result_path.is_file():
-        return {"error": f"exit code {code}", "log_tail": log_path.read_text(errors="replace")[-4000:],
+        return {"error": error, "log_tail": log_path.read_text(errors="replace")[-4000:],
                 "wall_s": time.time() - launch}
     result = json.loads(result_path.read_text())
     timed = result["step_seconds"][args.warmup:]
@@ -348,6 +368,11 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path) 
     result["timed_steps"] = len(timed)
     result["wall_s"] = time.time() - launch
     return result
+
+
+def write_json(path: str, setting: Dict[str, Any], results: Dict[str, Dict[str, Any]], **extra: Any) -> None:
+    """The setting and every variant's result (per-step times included), written in one go."""
+    Path(path).write_text(json.dumps(dict({"setting": setting, "variants": results}, **extra), indent=2) + "\n")
 
 
 def fmt(value: Optional[float], spec: str) -> str:
@@ -435,6 +460,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="an existing SD-layout diffusers folder (default: built offline)")
     parser.add_argument("--json", default=None, help="also write the results here as JSON (and the logs next to it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", default="true",
+                        help="the TOML value of model.compile in the compile variants on a GPU (default true; "
+                             "e.g. '{ dynamic = false }')")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data.*.num_workers of the hcp variants (default: hcp's own default)")
+    parser.add_argument("--variant-timeout", type=float, default=None,
+                        help="stop a variant after this many seconds and record it as failed (default: no limit)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the bench's start: a variant still running then is stopped, later ones "
+                             "are skipped, and the results so far are reported (for a leased machine)")
     # Worker-only options (the parent passes them).
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -498,8 +533,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = work / "data"
         write_images(data, args.images, size=args.size, seed=args.seed)
         for variant in variants:
+            limits = [x for x in (args.variant_timeout,
+                                  None if args.deadline is None else args.deadline - (time.perf_counter() - t0))
+                      if x is not None]
+            timeout = min(limits) if limits else None
+            if timeout is not None and timeout < 10:
+                results[variant] = {"error": "skipped (--deadline reached)"}
+                print(f"  {variant}: skipped, --deadline reached", flush=True)
+                continue
             print(f"  {variant}: running ...", flush=True)
-            r = results[variant] = run_variant(variant, args, work, data)
+            r = results[variant] = run_variant(variant, args, work, data, timeout)
             if "error" in r:
                 print(f"  {variant}: FAILED ({r['error']}); the end of its log:\n{r['log_tail']}", flush=True)
             else:
@@ -507,6 +550,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{r['first_step_s']:.1f}s after launch (set-up {r['ready_s']:.1f}s), {r['precision']}, "
                       f"attention {'/'.join(r.get('attention', []))}, {r['trainable']:,} trained parameters "
                       f"({r['wall_s']:.0f}s in all)", flush=True)
+            if args.json:  # what has run so far, in case the machine goes away before the end
+                write_json(args.json, setting, results)
     counts = {k: v["trainable"] for k, v in results.items() if "error" not in v}
     if len(set(counts.values())) > 1:
         print(f"WARNING: the variants train different numbers of parameters: {counts}")
@@ -520,8 +565,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(line)
     print(f"(total {time.perf_counter() - t0:.0f}s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"setting": setting, "variants": results, "table": lines,
-                                               "summary": line}, indent=2) + "\n")
+        write_json(args.json, setting, results, table=lines, summary=line)
         print(f"results: {args.json}")
     return 1 if any("error" in r for r in results.values()) else 0
 

@@ -91,6 +91,8 @@ BAD = [
     ("data.ds.batch_size=9223372036854775807", "data.ds.batch_size: must be between 1 and 4096, got 9223372036854775807"),
     ("data.ds.num_workers=100000", "data.ds.num_workers: must be between 0 and 1024, got 100000"),
     ("data.ds.num_workers=-1", "data.ds.num_workers: must be between 0 and 1024, got -1"),
+    ("data.ds.num_workers='four'", 'data.ds.num_workers: must be a number of workers (0 to 1024) or "auto", got \'four\''),
+    ("data.ds.num_workers=true", "data.ds.num_workers: expected an integer or a string, got True (bool)"),
     ("data.ds.sources.0.repeat=100001", "data.ds.sources[0].repeat: must be between 1 and 10000, got 100001"),
     ("data.ds.sources.0.max_image_pixels=0", "data.ds.sources[0].max_image_pixels: must be between 1 and 2147483648, got 0"),
     ("data.ds.sources.0.text_transforms=[{ type = 'tag_dropout', p = nan }]",

@@ -211,20 +211,83 @@ def test_loading_never_draws_from_the_global_rngs(tmp_path, num_workers):
     assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
 
 
-def test_worker_seeds_are_keyed_on_seed_dataset_and_epoch(tmp_path):
+def test_worker_seeds_are_keyed_on_seed_dataset_and_the_starting_epoch(tmp_path):
     from hcp_core.data.loader import loader_seed
 
     make_folder(tmp_path / "a", 4)
-    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 2, "num_workers": 1, "bucket": RATIO,
-                                                       "sources": [{"type": "image_folder", "img_root": "a"}]}}, seed=3))
+    p = pipeline(tmp_path, {"ds": {"batch_size": 2, "num_workers": 1, "bucket": RATIO,
+                                   "sources": [{"type": "image_folder", "img_root": "a"}]}}, seed=3)
+    data = build_train_data(p)
     stream = data.streams["ds"]
     data.next_batches()
     assert stream._generator.initial_seed() == loader_seed(3, "ds", 0)
+    resumed = build_train_data(p)
     for _ in range(stream.batches_per_epoch):
         data.next_batches()
-    assert stream._generator.initial_seed() == loader_seed(3, "ds", 1)
+    resumed.load_state_dict(data.state_dict())  # a run resumed in epoch 1 starts its iterator there
+    resumed.next_batches()
+    assert resumed.streams["ds"]._generator.initial_seed() == loader_seed(3, "ds", 1)
     assert len({loader_seed(3, "ds", 0), loader_seed(3, "ds", 1), loader_seed(4, "ds", 0), loader_seed(3, "reg", 0)}) == 4
+    data.close(), resumed.close()
+
+
+def test_one_loader_iterator_crosses_epochs_in_the_sampler_order(tmp_path):
+    """Workers prefetch across epoch boundaries: the iterator made at the first batch serves the
+    following epochs, each in its own shuffled order, and positions roll over at each epoch's end."""
+    make_folder(tmp_path / "a", 6)
+    data = build_train_data(pipeline(tmp_path, {"ds": {"batch_size": 2, "num_workers": 1, "bucket": RATIO,
+                                                       "sources": [{"type": "image_folder", "img_root": "a"}]}}, seed=5))
+    stream = data.streams["ds"]
+    per_epoch = stream.batches_per_epoch
+    expected = [(e, [i for i in b]) for e in range(3) for b in stream.sampler.rank_batches(e)]
+    got, iterators = [], set()
+    for _ in range(3 * per_epoch):
+        batch = data.next_batches()["ds"]
+        iterators.add(id(stream._iter))
+        got.append((batch["epoch"], [int(i) for i in batch["indices"]]))
+    assert got == expected
+    assert len(iterators) == 1
+    assert stream.state_dict()["epoch"] == 3 and stream.state_dict()["batch"] == 0
     data.close()
+
+
+def test_a_position_saved_at_an_epochs_end_continues_with_the_next_epoch(tmp_path):
+    make_folder(tmp_path / "a", 4)
+    p = pipeline(tmp_path, {"ds": {"batch_size": 2, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]}})
+    data = build_train_data(p)
+    stream = data.streams["ds"]
+    state = dict(stream.state_dict(), epoch=2, batch=stream.batches_per_epoch)  # how earlier versions saved it
+    data.load_state_dict({"ds": state})
+    batch = data.next_batches()["ds"]
+    assert batch["epoch"] == 3
+    assert [int(i) for i in batch["indices"]] == stream.sampler.rank_batches(3)[0]
+    data.close()
+
+
+def test_auto_workers_load_in_parallel_on_a_gpu_and_in_process_on_a_cpu(tmp_path, caplog):
+    from hcp_core.data.loader import AUTO_MAX_WORKERS, auto_num_workers
+
+    assert auto_num_workers(cuda=False, datasets=1, cpus=64) == 0
+    assert auto_num_workers(cuda=True, datasets=1, cpus=64) == AUTO_MAX_WORKERS == 4
+    assert auto_num_workers(cuda=True, datasets=1, cpus=3) == 2  # one core stays with the training process
+    assert auto_num_workers(cuda=True, datasets=2, cpus=6) == 2  # 5 spare cores over two datasets
+    assert auto_num_workers(cuda=True, datasets=1, processes=8, cpus=16) == 1  # 2 cores per process
+    assert auto_num_workers(cuda=True, datasets=3, cpus=2) == 1  # never 0 on a GPU
+
+    make_folder(tmp_path / "a", 4)
+    ds = {"batch_size": 2, "bucket": RATIO, "sources": [{"type": "image_folder", "img_root": "a"}]}
+    p = pipeline(tmp_path, {"ds": ds, "fixed": {**ds, "num_workers": 1}})
+    assert p.data["ds"].num_workers == "auto"  # the default
+    with caplog.at_level(logging.INFO, logger="hcp.data"):
+        on_cpu = build_train_data(p)
+        on_gpu = build_train_data(p, cuda=True)
+    assert {n: s.num_workers for n, s in on_cpu.streams.items()} == {"ds": 0, "fixed": 1}
+    assert {n: s.num_workers for n, s in on_gpu.streams.items()} == {"ds": auto_num_workers(True, 1), "fixed": 1}
+    said = [r.getMessage() for r in caplog.records if "num_workers auto" in r.getMessage()]
+    assert said == ["num_workers auto: 0 DataLoader worker(s) for data.ds (a CPU device: the step uses every core)",
+                    f"num_workers auto: {auto_num_workers(True, 1)} DataLoader worker(s) for data.ds "
+                    "(a CUDA device: decoding overlaps the step)"]
+    on_cpu.close(), on_gpu.close()
 
 
 def test_more_workers_than_cpus_are_capped_with_one_warning(tmp_path, caplog):

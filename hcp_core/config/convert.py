@@ -61,6 +61,12 @@ def _int_or_float(value: Any, _t: Any) -> Union[int, float]:
     return value
 
 
+def _int_or_str(value: Any, _t: Any) -> Union[int, str]:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _ValueProblem(f"expected an integer or a string, got {_describe(value)}")
+    return value
+
+
 def _renames(cls: type) -> Dict[str, str]:
     return {f.name: f.metadata["key"] for f in attrs.fields(cls) if "key" in f.metadata}
 
@@ -79,6 +85,7 @@ def make_converter(registry: Registry) -> cattrs.Converter:
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Union[int, float], _int_or_float)
+    conv.register_structure_hook(Union[int, str], _int_or_str)
 
     def attrs_structure_factory(cls: type):
         overrides = {name: override(rename=key) for name, key in _renames(cls).items()}

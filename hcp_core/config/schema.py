@@ -11,7 +11,7 @@ This module imports nothing from data/ or generation/: config is the core's lowe
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import attrs
 
@@ -203,6 +203,14 @@ class TrainConfig:
             self.max_steps = DEFAULT_MAX_STEPS
 
 
+def _num_workers(inst: Any, attribute: attrs.Attribute, value: Union[int, str]) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            fail(attribute, f'must be a number of workers (0 to {MAX_NUM_WORKERS}) or "auto", got {value!r}')
+        return
+    in_range(0, MAX_NUM_WORKERS)(inst, attribute, value)
+
+
 @attrs.define
 class DatasetConfig:
     """``[data.<name>]``: one of the parallel datasets; each step draws one batch from each."""
@@ -213,8 +221,10 @@ class DatasetConfig:
     #: This dataset's share of the loss; 0 trains nothing on it, NaN would poison every step.
     loss_weight: float = attrs.field(default=1.0, validator=at_least(0))
     cache_latents: bool = False
-    #: DataLoader worker processes (the run also caps them to the CPU count).
-    num_workers: int = attrs.field(default=0, validator=in_range(0, MAX_NUM_WORKERS))
+    #: DataLoader worker processes (the run also caps them to the CPU count). ``"auto"``: a few on a
+    #: GPU, where decoding in the training process would leave the GPU waiting; none on a CPU, where
+    #: workers would take cores from the step itself (:func:`hcp_core.data.loader.auto_num_workers`).
+    num_workers: Union[int, str] = attrs.field(default="auto", validator=_num_workers)
     #: Where cached latents live; default ``<exp_dir>/latent_cache``.
     cache_dir: Optional[str] = attrs.field(default=None, validator=not_blank)
     #: Colour transparent images (RGBA, LA, paletted with transparency) are composited on.

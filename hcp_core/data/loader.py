@@ -12,11 +12,13 @@ Typical use in the engine::
         checkpoint["data"] = data.state_dict()
 
 Each dataset keeps its own epoch: when one runs out of batches it starts its next epoch
-(reshuffled from the seed) while the others carry on.
+(reshuffled from the seed) while the others carry on. One DataLoader iterator runs through all
+of a dataset's epochs (:class:`~hcp_core.data.sampler.EndlessBatches`), so its workers keep
+batches ready across epoch boundaries.
 
 Loading never touches the global RNGs (torch, ``random``, numpy): batch order, crops and prompt
 edits are keyed on (seed, dataset, epoch, sample), and each DataLoader draws its worker seeds
-from its own generator keyed on (seed, dataset, epoch). So whether the loop built its iterators
+from its own generator keyed on (seed, dataset, the epoch the iterator starts in). So whether the loop built its iterators
 at step 0 or at a resumed step, the global RNG that LoRA dropout uses is the same.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import logging
 import os
 import zlib
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -80,7 +82,7 @@ class DataStream:
     def _make_loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=self.sampler.endless(),
             collate_fn=self.collate,
             num_workers=self.num_workers,
             # Workers live across epochs (no restart, re-import and re-open at each epoch change) and
@@ -96,24 +98,19 @@ class DataStream:
         return self
 
     def __next__(self) -> Dict[str, Any]:
-        for _ in range(2):  # at most one epoch change per call
-            if self._iter is None:
-                if self._loader is None:
-                    self._loader = self._make_loader()
-                # The sampler is iterated in this process, so setting it here is what workers see.
-                self.sampler.set_position(self.epoch, self.batch)
-                self._generator.manual_seed(loader_seed(self.seed, self.dataset.name, self.epoch))
-                self._iter = iter(self._loader)
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self._iter = None
-                self.epoch, self.batch = self.epoch + 1, 0
-                continue
-            batch["epoch"] = self.epoch
-            self.batch += 1
-            return batch
-        raise RuntimeError(f"data.{self.dataset.name}: an epoch produced no batches")  # pragma: no cover
+        if self._iter is None:
+            if self._loader is None:
+                self._loader = self._make_loader()
+            # The sampler is iterated in this process, so setting it here is what workers see.
+            self.sampler.set_position(self.epoch, self.batch)
+            self._generator.manual_seed(loader_seed(self.seed, self.dataset.name, self.epoch))
+            self._iter = iter(self._loader)  # endless: one iterator crosses every epoch boundary
+        batch = next(self._iter)
+        batch["epoch"] = self.epoch
+        self.batch += 1
+        if self.batch == len(self.sampler):
+            self.epoch, self.batch = self.epoch + 1, 0
+        return batch
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to restore the exact position: epoch, next batch, and a size check."""
@@ -144,6 +141,8 @@ class DataStream:
                         "longer the same as an uninterrupted one", self.dataset.name, "; ".join(changes), where)
             if moved:
                 batch = 0
+        if batch == len(self.sampler):  # a position saved at an epoch's very end
+            epoch, batch = epoch + 1, 0
         self.epoch, self.batch = epoch, batch
         self.close()
 
@@ -156,6 +155,38 @@ class DataStream:
 def loader_seed(seed: int, name: str, epoch: int) -> int:
     """The seed of a dataset's DataLoader generator in ``epoch`` (its workers' base seed derives from it)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 8_191 + epoch) % 2**63
+
+
+#: The most workers ``num_workers = "auto"`` gives one dataset: 4 decode 512 px batches of 4 faster
+#: than a GPU trains on them (bench/bench_loader.py), and each worker holds its own copy of the
+#: dataset's Python state.
+AUTO_MAX_WORKERS = 4
+
+
+def auto_num_workers(cuda: bool, datasets: int, processes: int = 1, cpus: Optional[int] = None) -> int:
+    """The workers ``num_workers = "auto"`` gives each of ``datasets`` datasets.
+
+    On a GPU: this process's share of the CPUs (``processes`` training processes on the machine),
+    less one core for the training process itself, split over the datasets, at least 1 and at
+    most :data:`AUTO_MAX_WORKERS` (on an H200, 4 workers took hcp's SD 1.5 LoRA step from 0.230 s
+    to 0.195 s). On a CPU, 0: the step itself uses every core, and workers would compete for them.
+    """
+    if not cuda:
+        return 0
+    share = (cpus or os.cpu_count() or 1) // max(processes, 1) - 1
+    return max(1, min(AUTO_MAX_WORKERS, share // max(datasets, 1)))
+
+
+def resolve_num_workers(requested: Mapping[str, Union[int, str]], *, cuda: bool = False, processes: int = 1,
+                        cpus: Optional[int] = None) -> Dict[str, int]:
+    """Each dataset's worker count: ``"auto"`` resolved (:func:`auto_num_workers`, logged) and
+    explicit counts capped (:func:`cap_num_workers`)."""
+    autos = [name for name, n in requested.items() if n == "auto"]
+    auto = auto_num_workers(cuda, len(autos), processes, cpus) if autos else 0
+    if autos:
+        log.info("num_workers auto: %d DataLoader worker(s) for %s (%s)", auto, ", ".join(f"data.{n}" for n in autos),
+                 "a CUDA device: decoding overlaps the step" if cuda else "a CPU device: the step uses every core")
+    return cap_num_workers({name: auto if n == "auto" else int(n) for name, n in requested.items()}, cpus)
 
 
 def cap_num_workers(requested: Mapping[str, int], cpus: Optional[int] = None) -> Dict[str, int]:
@@ -247,18 +278,22 @@ def build_train_data(
     verify_images: bool = False,
     pin_memory: bool = False,
     native_size: Optional[Tuple[int, int]] = None,
+    cuda: bool = False,
+    local_processes: int = 1,
 ) -> TrainData:
     """Scan, bucket and wrap every ``pipeline.data`` dataset; logs each bucket table and problems,
     and warns about buckets far above ``native_size`` or the images (:mod:`.size_checks`).
 
     ``pipeline`` is a :class:`~hcp_core.config.schema.Pipeline`. Unusable files are skipped and
     summarised in the log; a dataset with no usable image raises
-    :class:`~hcp_core.errors.DataError`.
+    :class:`~hcp_core.errors.DataError`. ``cuda`` and ``local_processes`` (training processes on
+    this machine) decide what ``num_workers = "auto"`` comes to.
     """
     streams: Dict[str, DataStream] = {}
     prepared_all: Dict[str, PreparedDataset] = {}
     caches: Dict[str, LatentCache] = {}
-    workers = cap_num_workers({name: config.num_workers for name, config in pipeline.data.items()})
+    workers = resolve_num_workers({name: config.num_workers for name, config in pipeline.data.items()},
+                                  cuda=cuda, processes=local_processes)
     for name, config in pipeline.data.items():
         prepared = prepare_dataset(
             name,

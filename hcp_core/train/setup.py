@@ -227,7 +227,10 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     data = build_train_data(p, registry=p.registry, rank=acc.process_index, world_size=acc.num_processes,
                             latent_factor=factor, size_multiple=multiple, verify_images=True,
                             native_size=native_size(models, factor),
-                            pin_memory=acc.device.type == "cuda")  # pinned batches copy to the GPU asynchronously
+                            # pinned batches copy to the GPU asynchronously
+                            pin_memory=acc.device.type == "cuda", cuda=acc.device.type == "cuda",
+                            # torchrun and accelerate launch say how many processes share this machine
+                            local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     first_bucket = tuple(next(iter(data.prepared.values())).bucket_sizes[0])
     total_steps = run_plan(p, data).total_steps  # train.max_steps, or what train.epochs comes to
     val_data = prepare_validation(p, latent_factor=factor, size_multiple=multiple)

@@ -55,9 +55,8 @@ def train(run: Run, start: int = 0) -> RunResult:
     with StopSignals() as stop:
         try:
             while step < total:
-                last_loss = optimizer_step(run, step)
+                last_loss = settle_step(run, step, optimizer_step(run, step))
                 step += 1
-                check_weights_finite(run, step)
                 if run.ema is not None:
                     run.ema.update()
                 log_step(run, progress, step, last_loss)
@@ -92,15 +91,26 @@ def train(run: Run, start: int = 0) -> RunResult:
     return RunResult(exp_dir=str(run.exp_dir), step=step, exports=exports, last_loss=last_loss)
 
 
-def optimizer_step(run: Run, step: int) -> float:
-    """One optimizer step (``gradient_accumulation`` micro-steps); returns its mean loss.
+@attrs.frozen
+class PendingStep:
+    """An optimizer step's loss values, still on the device until :func:`settle_step` reads them."""
 
-    ``run.stats`` receives each dataset's own mean loss (before ``loss_weight``) and the learning
-    rates this step used (the scheduler has moved on by the time the step is logged).
+    #: ``[loss, loss of each dataset...]``, averaged over micro-steps and processes.
+    values: torch.Tensor
+    datasets: Tuple[str, ...]
+    #: Each parameter group's learning rate during the step.
+    lrs: List[float]
+
+
+def optimizer_step(run: Run, step: int) -> PendingStep:
+    """One optimizer step (``gradient_accumulation`` micro-steps); its losses stay on the device.
+
+    Nothing here waits for the GPU: reading the loss between forward and backward would keep
+    the host from queuing the backward while the forward still runs.
     """
     cfg, acc = run.pipeline.train, run.accelerator
-    step_loss = 0.0
-    parts: Dict[str, float] = {}
+    total: Optional[torch.Tensor] = None
+    names: Tuple[str, ...] = ()
     for micro in range(cfg.gradient_accumulation):
         if run.grad_sync is not None:  # buckets start reducing during the last micro-step's backward
             run.grad_sync.micro_step(micro, cfg.gradient_accumulation)
@@ -108,20 +118,41 @@ def optimizer_step(run: Run, step: int) -> float:
         # Dropout draws from the global RNG (gradient checkpointing replays it); keying it on the
         # step means nothing else that touches it (previews, plugins) can make a resume differ.
         torch.manual_seed(sample_seed(run.pipeline.seed, step, micro, stream=2))
-        loss, value, per_dataset = guarded_loss(run, batches, step)
-        step_loss += value / cfg.gradient_accumulation
-        for name, part in per_dataset.items():
-            parts[name] = parts.get(name, 0.0) + part / cfg.gradient_accumulation
+        loss, values, names = guarded_loss(run, batches, step)
+        share = values / cfg.gradient_accumulation
+        total = share if total is None else total + share
         if loss.requires_grad:  # e.g. no prompt held a trained word this micro-step
             acc.backward(loss / cfg.gradient_accumulation)
     sync_grads(run)
     if cfg.max_grad_norm:
         acc.clip_grad_norm_(run.trained_params, cfg.max_grad_norm)
     run.optimizer.step()
-    run.stats.record(step + 1, step_loss, parts, [float(g["lr"]) for g in run.optimizer.param_groups])
+    lrs = [float(g["lr"]) for g in run.optimizer.param_groups]  # the scheduler moves on next
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    assert total is not None
+    return PendingStep(total, names, lrs)
+
+
+def settle_step(run: Run, step: int, pending: PendingStep) -> float:
+    """Read step ``step``'s (0-based) losses and check the updated weights, in one transfer (the
+    step's only wait for the GPU); a non-finite loss or weight stops the run before anything of
+    it is saved. Records :class:`~.progress.StepStats` and returns the step's loss.
+    """
+    weights = torch._foreach_norm([p.detach() for p in run.trained_params]) if run.trained_params else []
+    weight_sum = (torch.stack([n.float() for n in weights]).sum() if weights
+                  else torch.zeros((), device=pending.values.device)).to(pending.values.device)
+    value, *parts, weight_total = torch.cat([pending.values.float().flatten(), weight_sum.reshape(1)]).tolist()
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "
+                               "Lower the learning rate, check the data, or use mixed_precision = \"no\".")
+    if not math.isfinite(weight_total):
+        raise TrainingDiverged(
+            f"the trained weights became NaN or infinite in the update of step {step + 1}; stopping without saving "
+            f"them ({_last_good(run)}). Lower the learning rate or set train.max_grad_norm."
+        )
+    run.stats.record(step + 1, value, dict(zip(pending.datasets, parts)), pending.lrs)
+    return value
 
 
 def latents_of(run: Run, batch: Dict[str, Any], sample_ids: List[int], step: int) -> torch.Tensor:
@@ -189,9 +220,9 @@ def batch_loss(run: Run, batches: Dict[str, Dict[str, Any]], step: int) -> Tuple
 
 
 def guarded_loss(run: Run, batches: Dict[str, Dict[str, Any]],
-                 step: int) -> tuple[torch.Tensor, float, Dict[str, float]]:
-    """The micro-step's loss, its value and each dataset's (values averaged over processes);
-    out-of-memory and non-finite losses become clear errors."""
+                 step: int) -> Tuple[torch.Tensor, torch.Tensor, Tuple[str, ...]]:
+    """The micro-step's loss, and on the device ``[loss, each dataset's loss...]`` (averaged over
+    processes) with the datasets' names; out-of-memory becomes a clear error."""
     try:
         loss, losses = batch_loss(run, batches, step)
     except torch.OutOfMemoryError:
@@ -203,21 +234,7 @@ def guarded_loss(run: Run, batches: Dict[str, Dict[str, Any]],
     values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())])
     if run.accelerator.num_processes > 1:
         values = run.accelerator.reduce(values, "mean")
-    value, *rest = (float(v) for v in values.tolist())
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "
-                               "Lower the learning rate, check the data, or use mixed_precision = \"no\".")
-    return loss, value, dict(zip(losses, rest))
-
-
-def check_weights_finite(run: Run, step: int) -> None:
-    """Stop before a NaN/inf weight reaches a checkpoint or an export (one fused norm per step)."""
-    norms = torch._foreach_norm([p.detach() for p in run.trained_params])
-    if not bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum())):
-        raise TrainingDiverged(
-            f"the trained weights became NaN or infinite in the update of step {step}; stopping without saving "
-            f"them ({_last_good(run)}). Lower the learning rate or set train.max_grad_norm."
-        )
+    return loss, values, tuple(losses)
 
 
 def _last_good(run: Run) -> str:

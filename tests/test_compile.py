@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from hcp_core import cli
 from hcp_core.config.schema import CompileConfig
 from hcp_core.errors import UserError
-from hcp_core.train.compile import CompileWatch, check_backend, compile_denoiser
+from hcp_core.train.compile import CompileWatch, check_backend, compile_denoiser, limit_setting
 from plugins.adapters.lora.layer import LoraBranch, attach_branch
 from train_support import pipeline_toml, write_pipeline
 
@@ -63,16 +63,20 @@ def _step(model: nn.Module, shape: tuple) -> tuple:
     return out.detach(), grads
 
 
-def test_compiled_denoiser_keeps_names_hooks_and_checkpointing_across_bucket_sizes(caplog, monkeypatch) -> None:
+@pytest.mark.parametrize("dynamic", [True, "auto"])
+def test_compiled_denoiser_keeps_names_hooks_and_checkpointing_across_bucket_sizes(caplog, request, dynamic) -> None:
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)  # restored after
+    # Restored by hand: torch's config module refuses pytest's monkeypatch undo of this setting.
+    limit = limit_setting()
+    request.addfinalizer(lambda before=getattr(torch._dynamo.config, limit): setattr(torch._dynamo.config, limit, before))
+    torch._dynamo.reset()  # dynamo remembers which sizes changed per code object, across tests
     eager, compiled = _with_lora(), _with_lora()
     names = list(eager.state_dict())
     trained = [p for p in compiled.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trained, lr=0.0)  # lr 0: the weights stay equal to the eager copy's
     caplog.set_level(logging.INFO, logger="hcp")
-    compile_denoiser(compiled, CompileConfig(backend=BACKEND, dynamic=True, recompile_limit=4))
+    compile_denoiser(compiled, CompileConfig(backend=BACKEND, dynamic=dynamic, recompile_limit=4))
     watch = CompileWatch(optimizer)
     try:
         for shape in [(2, 4, 8, 8), (2, 4, 8, 12), (2, 4, 16, 8)]:  # three buckets
@@ -89,15 +93,22 @@ def test_compiled_denoiser_keeps_names_hooks_and_checkpointing_across_bucket_siz
         with torch.no_grad():  # a preview: another batch size, no gradients -> eager, no new graph
             assert torch.allclose(compiled(torch.ones(3, 4, 16, 16)), eager(torch.ones(3, 4, 16, 16)), atol=1e-5)
         assert watch.graphs == graphs
-        assert torch._dynamo.config.cache_size_limit == 4  # recompile_limit
+        assert getattr(torch._dynamo.config, limit) == 4  # recompile_limit
     finally:
         watch.close()
     # In place: the same class, the same state-dict keys (exports and checkpoints match an eager run).
     assert type(compiled) is TinyDenoiser and list(compiled.state_dict()) == names
     assert not any("_orig_mod" in n for n, _ in compiled.named_parameters())
     # Symbolic sizes (dynamic = true): three buckets, at most two graphs (one, or two where dynamo
-    # guards on a size); static shapes would need three.
-    assert 1 <= watch.graphs <= 2 and watch.compile_seconds > 0
+    # guards on a size). "auto": the first size specialised, then a graph with the width symbolic,
+    # then one with both sides symbolic, which serves every further size.
+    if dynamic is True:
+        assert 1 <= watch.graphs <= 2
+    else:
+        assert watch.graphs == 3
+        got, _ = _step(compiled, (2, 4, 12, 16))  # a fourth bucket: no new graph
+        assert watch.graphs == 3
+    assert watch.compile_seconds > 0
     log = caplog.text
     assert f"torch.compile: TinyDenoiser compiled with backend={BACKEND}" in log
     assert "torch.compile: the run's first step took" in log and "s of it compiling" in log
@@ -153,6 +164,7 @@ def test_compile_config_forms_and_errors(tmp_path, demo_model_dir, demo_data_dir
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=1))
     assert compile_options(load_config(cfg).model.compile) is None  # off by default
     assert compile_options(load_config(cfg, ["model.compile=true"]).model.compile) == CompileConfig()
+    assert CompileConfig().dynamic == "auto"
     table = load_config(cfg, ['model.compile={ mode = "max-autotune-no-cudagraphs", dynamic = false }']).model.compile
     assert compile_options(table) == CompileConfig(mode="max-autotune-no-cudagraphs", dynamic=False)
     for bad, message in [
@@ -160,6 +172,7 @@ def test_compile_config_forms_and_errors(tmp_path, demo_model_dir, demo_data_dir
         ('{ mode = "fast" }', "model.compile: mode: must be one of 'default'"),
         ('{ mode = "max-autotune", backend = "eager" }', "mode 'max-autotune' needs backend = \"inductor\""),
         ("{ recompile_limit = 0 }", "recompile_limit: must be between 1 and 1024, got 0"),
+        ('{ dynamic = "sometimes" }', "model.compile: dynamic must be true, false or \"auto\", got 'sometimes'"),
         ("3", "model.compile: expected true, false or a table"),
     ]:
         assert cli.main(["check", str(cfg), f"model.compile={bad}"]) == 2, bad

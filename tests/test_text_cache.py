@@ -59,10 +59,77 @@ def test_prompts_that_change_between_epochs_cannot_be_cached() -> None:
         fixed_prompts(_prepared(templates=("a {caption}", "the {caption}")))
 
 
-def test_a_family_without_fixed_shape_prompts_refuses_the_cache(tmp_path, demo_model_dir, demo_data_dir, capsys) -> None:
+def test_a_family_without_fixed_shape_prompts_refuses_the_cache(tmp_path, demo_model_dir, demo_data_dir) -> None:
+    from hcp_core.config import load_config
+    from hcp_core.errors import UserError
+    from hcp_core.train.setup import cached_text
+    from train_support import pipeline_toml, write_pipeline
+
+    p = load_config(write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=1)))
+    with pytest.raises(UserError, match="model.cache_text: the sd family does not support caching"):
+        cached_text(p, SimpleNamespace(), None, None, None, wrapped=False, train_text=False, device="cpu")
+
+
+def _sd_encoder(model_dir):
+    from hcp_plugins.models.stable_diffusion import StableDiffusionFamily
+
+    family = StableDiffusionFamily()
+    return family.prompt_encoder(family.load(str(model_dir)))
+
+
+LONG = "a photo of " + ", ".join(f"red cat number {i} on a blue chair" for i in range(18))  # 3 chunks
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_chunked_clip_prompts_cache_per_chunk_count_and_pad_like_the_live_batch(model, demo_model_dir, sdxl_model_dir) -> None:
+    """SD/SDXL encodings grow by 77-token chunks: prompts are cached in groups of one chunk count,
+    and a batch pads its shorter rows with the empty prompt's chunk, as live encoding pads."""
+    encoder = _sd_encoder(demo_model_dir if model == "sd" else sdxl_model_dir)
+    middle = " ".join(LONG.split()[:60])
+    prompts = ["a cat", LONG, "a dog on a mat", middle]
+    counts = [encoder.chunk_count(x) for x in prompts]
+    assert counts[0] == counts[2] == 1 and counts[1] == 3 and counts[3] == 2
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return encoder(batch)
+
+    with torch.no_grad():
+        CachedPromptEncoder(counting, prompts, device="cpu", batch_size=8)
+        assert calls == [4]  # a plain function has no chunk_count: one group
+        calls.clear()
+        counting.chunk_count = encoder.chunk_count
+        cached = CachedPromptEncoder(counting, prompts, device="cpu", batch_size=8)
+        assert sorted(calls) == [1, 1, 1, 2]  # groups of 1, 3 and 2 chunks, then the empty prompt
+        for batch in (["a cat", LONG], [middle, "a dog on a mat", "a cat"], ["a cat", "a dog on a mat"], [LONG, middle]):
+            got, want = cached(batch), encoder(batch)
+            if model == "sd":
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=0), batch
+            else:
+                assert got.hidden.shape == want.hidden.shape
+                assert torch.allclose(got.hidden, want.hidden, atol=1e-5, rtol=0), batch
+                assert torch.allclose(got.pooled, want.pooled, atol=1e-5, rtol=0), batch
+
+
+def test_cached_text_trains_an_sd_lora_like_live_encoding(tmp_path, demo_model_dir, demo_data_dir) -> None:
+    import hcp_core
+    from train_support import assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
+
+    runs = {}
+    for name, cache in (("cached", "true"), ("live", "false")):
+        cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / name, max_steps=2),
+                             f"{name}.toml")
+        hcp_core.run(hcp_core.load_config(cfg, [f"model.cache_text={cache}"]))
+        runs[name] = trained_tensors(tmp_path / name)
+    assert_same_tensors(runs["cached"], runs["live"], exact=False, atol=1e-6)
+    assert "text encoder outputs of" in (tmp_path / "cached" / "train.log").read_text()
+
+
+def test_cached_text_with_prompt_emphasis_is_refused_by_check(tmp_path, demo_model_dir, demo_data_dir, capsys) -> None:
     from hcp_core import cli
     from train_support import pipeline_toml, write_pipeline
 
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=1))
-    assert cli.main(["run", str(cfg), "model.cache_text=true"]) == 2
-    assert "model.cache_text: the sd family does not support caching" in capsys.readouterr().err
+    assert cli.main(["check", str(cfg), "model.cache_text=true", "model.prompt_emphasis=true"]) == 2
+    assert "model.cache_text: cannot be used with model.prompt_emphasis" in capsys.readouterr().err

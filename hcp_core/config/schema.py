@@ -102,6 +102,13 @@ def _vae_fp32_alone(inst: Any, attribute: attrs.Attribute, value: Optional[bool]
                         "remove vae_fp32")
 
 
+def _cache_text_plain(inst: Any, attribute: attrs.Attribute, value: bool) -> None:
+    if value and inst is not None and inst.prompt_emphasis:
+        fail(attribute, "cannot be used with model.prompt_emphasis: an emphasised prompt's encoding depends on how "
+                        "many chunks the other prompts of its batch have (webui rescales over the padded length); "
+                        "set one of them to false")
+
+
 @attrs.define
 class ModelConfig:
     """``[model]``: which checkpoint, and how it runs."""
@@ -128,8 +135,8 @@ class ModelConfig:
     #: with the family's options. Left out, it is detected from the model folder.
     family: Optional[ModelFamilySpec] = None
     #: Encode every (fixed) prompt once before training and move the text encoders off the GPU
-    #: (families whose prompt outputs have a fixed shape: FLUX, SD3; see docs/training.md).
-    cache_text: bool = False
+    #: (families that offer it: SD, SDXL, FLUX, SD3; not with prompt_emphasis; docs/training.md).
+    cache_text: bool = attrs.field(default=False, validator=_cache_text_plain)
     #: Store the denoiser's frozen Linear weights as float8_e4m3fn, upcast per forward (kohya's
     #: --fp8_base; halves their memory against bf16, rounds them once; docs/flux.md, "Memory").
     fp8_base: bool = False

@@ -132,6 +132,12 @@ class PromptEncoder:
             weights += [weight] * len(piece)
         return ids, weights
 
+    def chunk_count(self, prompt: str) -> int:
+        """How many 77-token chunks ``prompt`` encodes to in a batch of its own (at most
+        ``max_chunks``); a batch pads to its longest prompt's count with empty chunks."""
+        tokens = min(len(self.weighted_token_ids(prompt)[0]), self.max_chunks * self.tokens_per_chunk)
+        return max(1, math.ceil(tokens / self.tokens_per_chunk))
+
     def _windows(self, values: Sequence[Any], n_chunks: int, bos: Any, eos: Any, pad: Any) -> List[Any]:
         out: List[Any] = []
         step = self.tokens_per_chunk

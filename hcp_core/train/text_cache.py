@@ -2,9 +2,14 @@
 
 With frozen text encoders and prompts that never change, every prompt a run will use (each
 sample's, and the ``[sample]`` prompts) is encoded once before training; the encoders then leave
-the GPU (T5-XXL alone is ~9 GB in bf16). A family opts in with ``text_cache = True`` when its
-prompt encoder's outputs have a fixed shape per prompt (FLUX, SD3: T5 padded to a fixed length),
-so that stacking cached rows gives exactly what encoding the batch would.
+the GPU (T5-XXL alone is ~9 GB in bf16). A family opts in with ``text_cache = True`` when stacking
+cached rows gives exactly what encoding the batch would:
+
+* outputs of a fixed shape per prompt (FLUX, SD3: T5 padded to a fixed length), or
+* CLIP's 77-token chunks (SD, SDXL): the encoder offers ``chunk_count(prompt)``; prompts are
+  encoded in groups of equal chunk count (so no row carries another prompt's padding), and a
+  batch pads its shorter rows with the empty prompt's encoding, as the live encoder pads with
+  empty chunks (each chunk is encoded on its own).
 
 Prompts are fixed when building them draws no randomness: each record's prompt is built with a
 random generator that refuses to be used; a random template choice or a random tag transform
@@ -12,10 +17,11 @@ makes caching impossible, and the run says which dataset is at fault.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import attrs
 import torch
@@ -88,41 +94,72 @@ def _rows(output: Any) -> List[Any]:
     return [_map(output, lambda t, i=i: t[i]) for i in range(n)]
 
 
-def _stack(rows: Sequence[Any], device: Any) -> Any:
+def _padded(tensors: List[torch.Tensor], pad: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """Rows of one field brought to the longest one's length (axis 0) with copies of ``pad``."""
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return tensors
+    out = []
+    for t in tensors:
+        missing = longest - t.shape[0]
+        if missing and (pad is None or missing % pad.shape[0] or t.shape[1:] != pad.shape[1:]):
+            raise ValueError(f"cached prompt encodings of shapes {tuple(t.shape)} and {(longest, *t.shape[1:])} "
+                             "cannot be batched: the encoder pads with no empty-prompt chunks")
+        out.append(torch.cat([t, pad.repeat(missing // pad.shape[0], *[1] * (t.dim() - 1))]) if missing else t)
+    return out
+
+
+def _stack(rows: Sequence[Any], device: Any, pad: Any = None) -> Any:
     first = rows[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(list(rows)).to(device)
-    fields = {k: (torch.stack([_fields(r)[k] for r in rows]).to(device) if isinstance(v, torch.Tensor) else v)
+        return torch.stack(_padded(list(rows), pad)).to(device)
+    pads = _fields(pad) if pad is not None else {}
+    fields = {k: (torch.stack(_padded([_fields(r)[k] for r in rows], pads.get(k))).to(device)
+                  if isinstance(v, torch.Tensor) else v)
               for k, v in _fields(first).items()}
     return _rebuild(first, fields)
 
 
 class CachedPromptEncoder:
-    """Stands in for a prompt encoder: returns stored outputs for the prompts it was built with."""
+    """Stands in for a prompt encoder: returns stored outputs for the prompts it was built with.
 
-    def __init__(self, encoder: Any, prompts: Iterable[str], *, device: Any, batch_size: int = 8) -> None:
+    ``autocast`` (a context-manager factory, as the training loop's) is what the live encoder
+    runs under in training, so the cached outputs are the ones it would compute.
+    """
+
+    def __init__(self, encoder: Any, prompts: Iterable[str], *, device: Any, batch_size: int = 8,
+                 autocast: Optional[Callable[[], ContextManager]] = None) -> None:
         self.device = device
         self.rows: Dict[str, Any] = {}
+        self.pad: Any = None  # the empty prompt's encoding, for encoders of chunked, varying length
         unique = list(dict.fromkeys(prompts))
-        with torch.no_grad():
-            for start in range(0, len(unique), batch_size):
-                chunk = unique[start:start + batch_size]
-                for prompt, row in zip(chunk, _rows(encoder(chunk))):
-                    self.rows[prompt] = _map(row, lambda t: t.detach().to("cpu"))
+        chunk_count = getattr(encoder, "chunk_count", None)
+        groups: Dict[int, List[str]] = {}
+        for prompt in unique:
+            groups.setdefault(chunk_count(prompt) if chunk_count else 0, []).append(prompt)
+        with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
+            for group in groups.values():
+                for start in range(0, len(group), batch_size):
+                    chunk = group[start:start + batch_size]
+                    for prompt, row in zip(chunk, _rows(encoder(chunk))):
+                        self.rows[prompt] = _map(row, lambda t: t.detach().to("cpu"))
+            if chunk_count is not None:
+                self.pad = _map(_rows(encoder([""]))[0], lambda t: t.detach().to("cpu"))
 
     def __call__(self, prompts: Any) -> Any:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in prompts if p not in self.rows]
         if missing:
             raise KeyError(f"prompt not in the text cache: {missing[0]!r}")
-        return _stack([self.rows[p] for p in prompts], self.device)
+        return _stack([self.rows[p] for p in prompts], self.device, self.pad)
 
 
 def cache_text(encoder: Any, models: Any, prepared: Mapping[str, Any], extra_prompts: Sequence[str], *,
-               device: Any) -> CachedPromptEncoder:
-    """Encode every training and ``extra_prompts`` prompt once, then move the text encoders to the CPU."""
+               device: Any, autocast: Optional[Callable[[], ContextManager]] = None) -> CachedPromptEncoder:
+    """Encode every training and ``extra_prompts`` prompt once (under ``autocast``, as training
+    would), then move the text encoders to the CPU."""
     prompts = fixed_prompts(prepared) + list(extra_prompts)
-    cached = CachedPromptEncoder(encoder, prompts, device=device)
+    cached = CachedPromptEncoder(encoder, prompts, device=device, autocast=autocast)
     for name, module in models.modules().items():
         if name.startswith("text_encoder"):
             module.to("cpu")

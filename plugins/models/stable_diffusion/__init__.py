@@ -27,6 +27,9 @@ class StableDiffusionFamily:
     parts = ("unet", "text_encoder", "text_encoder_2")
     #: ``hcp generate --embeddings`` works (custom words in the CLIP encoders).
     custom_words = True
+    #: ``model.cache_text`` may encode every prompt once: the prompt encoders offer
+    #: ``chunk_count``, so cached rows pad to a batch's chunk count as live encoding does.
+    text_cache = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

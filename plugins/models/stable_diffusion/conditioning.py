@@ -85,6 +85,10 @@ class SdxlPromptEncoder:
         the same prompts), or None without custom words."""
         return getattr(self.encoders[0], "uses", None)
 
+    def chunk_count(self, prompt: str) -> int:
+        """Chunks ``prompt`` encodes to on its own: the larger of the two tokenizers' counts."""
+        return max(encoder.chunk_count(prompt) for encoder in self.encoders)
+
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple["torch.Tensor", "torch.Tensor"]:
         """Token ids of each encoder, padded to the same number of chunks."""
         (ids_1, ids_2), _ = self.tokenize_weighted(prompts)

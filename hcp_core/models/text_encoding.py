@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
 
 import attrs
 
+from ..devices import to_device
 from ..errors import ConfigError
 from .emphasis import apply_emphasis, parse_emphasis
 
@@ -191,7 +192,7 @@ class PromptEncoder:
         if length % self.chunk_length:
             raise ValueError(f"input_ids length {length} is not a multiple of {self.chunk_length}")
         n_chunks = length // self.chunk_length
-        flat = input_ids.reshape(batch * n_chunks, self.chunk_length).to(self.text_encoder.device)
+        flat = to_device(input_ids.reshape(batch * n_chunks, self.chunk_length), self.text_encoder.device)
         out = self.text_encoder(input_ids=flat, output_hidden_states=self.clip_skip > 0)
         if self.clip_skip > 0:
             hidden = out.hidden_states[-(self.clip_skip + 1)]

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import attrs
 import torch
 
+from ..devices import to_device
+
 _MIX = 0x9E3779B97F4A7C15  # splitmix constant, spreads nearby keys apart
 
 
@@ -46,8 +48,8 @@ def draw_noise_and_timesteps(
             n = n + noise_offset * torch.randn((shape[0], 1, 1), generator=g, dtype=torch.float32)
         noises.append(n)
         steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
-    noise = torch.stack(noises).to(device=latents.device, dtype=latents.dtype)
-    timesteps = torch.cat(steps).to(latents.device)
+    noise = to_device(torch.stack(noises), latents.device, latents.dtype)
+    timesteps = to_device(torch.cat(steps), latents.device)
     return noise, timesteps
 
 

@@ -17,6 +17,7 @@ import attrs
 import torch
 
 from ..config.pipeline import pipeline_to_dict
+from ..devices import to_device
 from ..errors import UserError
 from ..interfaces import LossInputs
 from . import checkpoint as ckpt
@@ -159,16 +160,16 @@ def latents_of(run: Run, batch: Dict[str, Any], sample_ids: List[int], step: int
     """Scaled VAE latents of a batch: cached ones, or encoded now (sampled per sample)."""
     dev = run.accelerator.device
     if "latents" in batch:
-        return batch["latents"].to(dev).contiguous()
+        return to_device(batch["latents"], dev).contiguous()
     vae = run.models.vae
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(dev, dtype=vae.dtype)
+        pixels = to_device(batch["pixel_values"], dev, vae.dtype)
         dist = vae.encode(pixels).latent_dist
-        eps = torch.stack([
+        eps = to_device(torch.stack([
             torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(
                 sample_seed(run.pipeline.seed, step, sid, stream=1)))
             for sid in sample_ids
-        ]).to(dev)
+        ]), dev)
         z = dist.mean.float() + dist.std.float() * eps
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
@@ -188,7 +189,7 @@ def per_sample_loss(run: Run, batch: Dict[str, Any], ids: List[int], step: int, 
     )
     weight_map = batch.get("weight_map")
     per_sample = run.loss_fn(out.pred.float(), out.target.float(), LossInputs(
-        timesteps=out.timesteps, weight_map=None if weight_map is None else weight_map.to(out.pred.device),
+        timesteps=out.timesteps, weight_map=None if weight_map is None else to_device(weight_map, out.pred.device),
         snr=out.snr))
     return per_sample * out.weights if out.weights is not None else per_sample
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional,
 import attrs
 import torch
 
+from hcp_core.devices import to_device
 from hcp_core.errors import ConfigError, UserError
 from hcp_core.interfaces import ModelBundle, TrainingPrediction
 from hcp_core.models.modes import modules_in_eval
@@ -85,7 +86,7 @@ class TwoStepPromptEncoder:
 
 def t5_hidden_states(text_encoder: Any, ids: torch.Tensor) -> torch.Tensor:
     """T5's last hidden states for ``ids``, in the encoder's dtype (as the pipelines' ``_get_t5_prompt_embeds``)."""
-    hidden = text_encoder(ids.to(text_encoder.device), output_hidden_states=False)[0]
+    hidden = text_encoder(to_device(ids, text_encoder.device), output_hidden_states=False)[0]
     return hidden.to(dtype=text_encoder.dtype)
 
 

@@ -42,6 +42,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from hcp_core.devices import to_device
 from hcp_core.train.diffusion import draw_noise_and_timesteps, sample_seed
 
 #: ``sample_seed`` stream for sigmas. Streams 0 (noise, DDPM timesteps), 1 (VAE latent sampling)
@@ -110,7 +111,7 @@ def sample_sigmas(
     sigmas = torch.cat(draws) if draws else torch.zeros(0)
     if shift != 1.0:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    return sigmas.clamp(SIGMA_EPS, 1 - SIGMA_EPS).to(device=device)
+    return to_device(sigmas.clamp(SIGMA_EPS, 1 - SIGMA_EPS), device)
 
 
 def flux_shift(
@@ -230,7 +231,7 @@ def latent_image_ids(
     ids = torch.zeros(h, w, 3)
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+    return to_device(ids.reshape(h * w, 3), device, dtype)
 
 
 def text_ids(seq_len: int, device: Optional[Union[str, torch.device]], dtype: torch.dtype) -> torch.Tensor:

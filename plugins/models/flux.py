@@ -26,6 +26,7 @@ from typing import Any, Dict, Mapping, Sequence, Union
 import attrs
 import torch
 
+from hcp_core.devices import to_device
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import ModelBundle
 from hcp_core.models.text_encoding import PromptEncoder
@@ -87,7 +88,7 @@ class FluxPromptEncoder(TwoStepPromptEncoder):
 
     def encode(self, ids: Mapping[str, torch.Tensor]) -> FluxPrompts:
         """Hidden states (T5) and pooled output (CLIP) for ids from :meth:`tokenize`."""
-        clip = self.text_encoder(ids["clip"].to(self.text_encoder.device), output_hidden_states=False)
+        clip = self.text_encoder(to_device(ids["clip"], self.text_encoder.device), output_hidden_states=False)
         pooled = clip.pooler_output.to(dtype=self.text_encoder.dtype)
         hidden = t5_hidden_states(self.text_encoder_2, ids["t5"])
         return FluxPrompts(hidden=hidden, pooled=pooled)

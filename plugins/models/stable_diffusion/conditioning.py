@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from hcp_core.devices import to_device
 from hcp_core.errors import ConfigError
 from hcp_core.interfaces import ModelBundle
 from hcp_core.models.text_encoding import EncodedPrompts, PromptEncoder, num_encoder_layers
@@ -153,5 +154,5 @@ def unet_conditioning(prompt_encoder: Any, batch: Mapping[str, Any], device: Any
     time_ids = add_time_ids(batch["original_size_hw"], batch["crop_top_left"], batch["target_size_hw"])
     return {
         "encoder_hidden_states": encoded.hidden,
-        "added_cond_kwargs": {"text_embeds": encoded.pooled, "time_ids": time_ids.to(device or encoded.hidden.device)},
+        "added_cond_kwargs": {"text_embeds": encoded.pooled, "time_ids": to_device(time_ids, device or encoded.hidden.device)},
     }

@@ -44,6 +44,25 @@ def test_linear_output_is_host_plus_alpha_over_rank_times_up_down():
         assert not torch.allclose(got, x @ w.T + b + wrong * (x @ down.T @ up.T), atol=1e-3)
 
 
+def test_alpha_equal_to_rank_adds_up_down_unscaled_and_dropout_still_applies():
+    torch.manual_seed(0)
+    host = nn.Linear(6, 5)
+    w, b = host.weight.detach().clone(), host.bias.detach().clone()
+    branch = _with_lora(host, rank=4, alpha=4.0)
+    x = torch.randn(4, 6)
+    down, up = branch.down.weight.detach(), branch.up.weight.detach()
+    torch.testing.assert_close(host(x), x @ w.T + b + x @ down.T @ up.T, rtol=1e-5, atol=1e-5)
+
+    dropped = _with_lora(nn.Linear(6, 5), rank=4, alpha=4.0, dropout=0.5)
+    dropped.train()
+    torch.manual_seed(3)
+    mask_seed = torch.get_rng_state()
+    out = dropped(x)
+    torch.set_rng_state(mask_seed)
+    kept = nn.functional.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, kept @ dropped.down.weight.detach().T @ dropped.up.weight.detach().T)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

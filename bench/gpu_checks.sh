@@ -37,5 +37,5 @@ fi
 left=$((budget - SECONDS - 15))
 echo "== full setting (deadline ${left}s)"
 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json" --variant-timeout 300 --deadline "$left" \
-    --variants hcp,minimal,hcp-cached,hcp-cached-compile,hcp-compile
+    --variants hcp,example,minimal,hcp-cached,hcp-cached-compile,hcp-compile
 echo "== done after ${SECONDS}s"

@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_checks.sh [SECONDS]     # SECONDS: the time the whole script may take (default 560)
 #
-# 1. the versions it runs with and the card;
+# 1. the versions it runs with and the card, and the tests that only run on CUDA;
 # 2. a preflight: bench_gpu.py's tiny model on the GPU, hcp's variant, 3 steps (fails fast, within a
 #    minute, when something is missing, instead of after the big model is built);
 # 3. bench_gpu.py's full setting, variants ordered by what matters most, each stopped after
@@ -27,6 +27,9 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffus
       f"transformers {transformers.__version__}, accelerate {accelerate.__version__}")
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 EOF
+
+echo "== CUDA-only tests"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tail -3
 
 echo "== preflight (tiny model on the GPU)"
 if ! timeout 150 "$PY" bench/bench_gpu.py --tiny --device cuda --variants hcp --steps 3 --warmup 1 --variant-timeout 120; then

@@ -15,10 +15,10 @@ import torch
 
 
 def to_device(tensor: torch.Tensor, device: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``tensor`` on ``device``, then cast to ``dtype`` when given (there: a cast on the GPU is
-    cheap, one of a batch of images on the host is not); a host tensor bound for a CUDA device
-    goes through pinned memory and does not make the host wait."""
-    device = torch.device(device)
+    """``tensor`` on ``device`` (None: where it is), then cast to ``dtype`` when given (there: a
+    cast on the GPU is cheap, one of a batch of images on the host is not); a host tensor bound for
+    a CUDA device goes through pinned memory and does not make the host wait."""
+    device = tensor.device if device is None else torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
         moved = (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
     else:

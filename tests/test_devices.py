@@ -13,6 +13,7 @@ def test_on_the_cpu_it_is_a_plain_move_then_the_cast() -> None:
     assert same.dtype == torch.float32 and torch.equal(same, t)
     half = to_device(t, torch.device("cpu"), torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, t.to(torch.bfloat16))
+    assert to_device(t, None) is t  # no device: where it is
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -140,9 +140,9 @@ def settle_step(run: Run, step: int, pending: PendingStep) -> float:
     step's only wait for the GPU); a non-finite loss or weight stops the run before anything of
     it is saved. Records :class:`~.progress.StepStats` and returns the step's loss.
     """
-    weights = torch._foreach_norm([p.detach() for p in run.trained_params]) if run.trained_params else []
-    weight_sum = (torch.stack([n.float() for n in weights]).sum() if weights
-                  else torch.zeros((), device=pending.values.device)).to(pending.values.device)
+    device = pending.values.device
+    norms = torch._foreach_norm([p.detach() for p in run.trained_params]) if run.trained_params else []
+    weight_sum = torch.stack([n.float().to(device) for n in norms]).sum() if norms else torch.zeros((), device=device)
     value, *parts, weight_total = torch.cat([pending.values.float().flatten(), weight_sum.reshape(1)]).tolist()
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "

@@ -27,6 +27,7 @@ import attrs
 import torch
 
 from ..data.prompts import build_prompt
+from ..devices import to_device
 from ..errors import ConfigError
 
 log = logging.getLogger("hcp")
@@ -112,9 +113,9 @@ def _padded(tensors: List[torch.Tensor], pad: Optional[torch.Tensor]) -> List[to
 def _stack(rows: Sequence[Any], device: Any, pad: Any = None) -> Any:
     first = rows[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(_padded(list(rows), pad)).to(device)
+        return to_device(torch.stack(_padded(list(rows), pad)), device)
     pads = _fields(pad) if pad is not None else {}
-    fields = {k: (torch.stack(_padded([_fields(r)[k] for r in rows], pads.get(k))).to(device)
+    fields = {k: (to_device(torch.stack(_padded([_fields(r)[k] for r in rows], pads.get(k))), device)
                   if isinstance(v, torch.Tensor) else v)
               for k, v in _fields(first).items()}
     return _rebuild(first, fields)

@@ -43,7 +43,7 @@ def test_cached_batches_equal_live_batches_and_encode_each_prompt_once() -> None
     live = _Encoder()
     _Encoder.calls = 0
     cached = CachedPromptEncoder(live, prompts + prompts, device="cpu", batch_size=2)
-    assert _Encoder.calls == 2 and len(cached.rows) == 3
+    assert _Encoder.calls == 3 and len(cached.rows) == 3  # the empty prompt (a row's structure), then 2 batches
     batch = [prompts[2], prompts[0], prompts[2]]
     got, want = cached(batch), live(batch)
     assert isinstance(got, EncodedPrompts)
@@ -97,7 +97,7 @@ def test_chunked_clip_prompts_cache_per_chunk_count_and_pad_like_the_live_batch(
 
     with torch.no_grad():
         CachedPromptEncoder(counting, prompts, device="cpu", batch_size=8)
-        assert calls == [4]  # a plain function has no chunk_count: one group
+        assert calls == [1, 4]  # the empty prompt; a plain function has no chunk_count: one group
         calls.clear()
         counting.chunk_count = encoder.chunk_count
         cached = CachedPromptEncoder(counting, prompts, device="cpu", batch_size=8)
@@ -112,7 +112,10 @@ def test_chunked_clip_prompts_cache_per_chunk_count_and_pad_like_the_live_batch(
                 assert torch.allclose(got.pooled, want.pooled, atol=1e-5, rtol=0), batch
 
 
-def test_cached_text_trains_an_sd_lora_like_live_encoding(tmp_path, demo_model_dir, demo_data_dir) -> None:
+def test_cached_text_trains_an_sd_lora_like_live_encoding_and_a_rerun_reuses_it(tmp_path, demo_model_dir,
+                                                                                  demo_data_dir) -> None:
+    import re
+
     import hcp_core
     from train_support import assert_same_tensors, pipeline_toml, trained_tensors, write_pipeline
 
@@ -123,7 +126,49 @@ def test_cached_text_trains_an_sd_lora_like_live_encoding(tmp_path, demo_model_d
         hcp_core.run(hcp_core.load_config(cfg, [f"model.cache_text={cache}"]))
         runs[name] = trained_tensors(tmp_path / name)
     assert_same_tensors(runs["cached"], runs["live"], exact=False, atol=1e-6)
-    assert "text encoder outputs of" in (tmp_path / "cached" / "train.log").read_text()
+    first = re.search(r"text encoder outputs of (\d+) prompts cached \((\d+) reused", (tmp_path / "cached" / "train.log").read_text())
+    assert first and int(first.group(1)) > 0 and first.group(2) == "0"
+    stored = list((tmp_path / "cached" / "text_cache").rglob("*.safetensors"))
+    assert len(stored) == int(first.group(1))
+    # --overwrite keeps the text cache: the same run again encodes nothing and trains the same.
+    hcp_core.run(hcp_core.load_config(tmp_path / "cached.toml", ["model.cache_text=true"]), overwrite=True)
+    again = re.search(r"\((\d+) reused", (tmp_path / "cached" / "train.log").read_text())
+    assert again and again.group(1) == first.group(1)
+    assert_same_tensors(trained_tensors(tmp_path / "cached"), runs["cached"])
+
+
+def test_stored_encodings_are_reused_only_under_the_same_fingerprint(tmp_path, demo_model_dir) -> None:
+    from hcp_plugins.models.stable_diffusion import StableDiffusionFamily
+
+    from hcp_core.train.text_cache import TextStore, text_fingerprint
+
+    family = StableDiffusionFamily()
+    models = family.load(str(demo_model_dir))
+    encoder = family.prompt_encoder(models)
+    prompts = ["a cat", LONG, "a dog"]
+    calls = []
+
+    def counting(batch):
+        calls.append(list(batch))
+        return encoder(batch)
+
+    counting.chunk_count = encoder.chunk_count
+    store = TextStore(str(tmp_path / "cache"))
+    first = CachedPromptEncoder(counting, prompts, device="cpu", store=store)
+    assert first.reused == 0 and sorted(map(len, calls)) == [1, 1, 2]  # "", the 3-chunk prompt, the two short ones
+    calls.clear()
+    second = CachedPromptEncoder(counting, prompts, device="cpu", store=store)
+    assert second.reused == 3 and calls == [[""]]  # only the empty prompt, encoded live every time
+    for batch in (["a cat", LONG], ["a dog"]):
+        assert torch.equal(second(batch), first(batch))
+
+    base = text_fingerprint(models, encoder, "no")
+    assert text_fingerprint(models, encoder, "no") == base
+    assert text_fingerprint(models, encoder, "bf16") != base
+    assert text_fingerprint(models, family.prompt_encoder(models, clip_skip=1), "no") != base
+    with torch.no_grad():
+        next(models.text_encoder.parameters()).view(-1)[0] += 1.0  # a changed weight
+    assert text_fingerprint(models, encoder, "no") != base
 
 
 def test_cached_text_with_prompt_emphasis_is_refused_by_check(tmp_path, demo_model_dir, demo_data_dir, capsys) -> None:

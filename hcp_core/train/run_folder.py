@@ -23,8 +23,10 @@ from .checkpoint import checkpoints_dir, list_checkpoints
 LOCK_NAME = ".hcp-run.lock"
 #: Files and folders that mark a folder as holding a run (the latent cache may be shared).
 RUN_MARKERS = ("config.toml", "train.log", "checkpoints", "embeddings", "samples", "logs")
+#: The folder under exp_dir of ``model.cache_text``'s encodings (text_cache.py).
+TEXT_CACHE_DIR = "text_cache"
 #: Kept in place by --overwrite: reusable, and not part of a run's results.
-KEPT_ON_OVERWRITE = ("latent_cache", LOCK_NAME)
+KEPT_ON_OVERWRITE = ("latent_cache", TEXT_CACHE_DIR, LOCK_NAME)
 
 
 class RunFolderError(UserError):

@@ -26,7 +26,7 @@ from .grad_sync import grad_sync_for, refuse_sharded_engines
 from .optim import build_optimizer, build_scheduler
 from .packages import check_packages
 from .progress import StepStats
-from .run_folder import RunLock, open_run_folder
+from .run_folder import TEXT_CACHE_DIR, RunLock, open_run_folder
 from .trackers import open_trackers
 
 log = logging.getLogger("hcp")
@@ -274,7 +274,8 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     if p.model.cache_text:
         prompt_encoder = cached_text(p, family, models, data, prompt_encoder, validation=val_data, wrapped=any(
             getattr(a, "wrap_prompt_encoder", None) for _, a in adapters), train_text=train_text, device=acc.device,
-            autocast=acc.autocast)
+            autocast=acc.autocast, root=str(exp_dir / TEXT_CACHE_DIR), precision=str(acc.mixed_precision),
+            write=acc.is_main_process)
     writer = open_trackers(p, exp_dir) if acc.is_main_process else None
     run = Run(
         pipeline=p, accelerator=acc, exp_dir=exp_dir, lock=lock, family=family, models=models, data=data, adapters=adapters,
@@ -288,7 +289,8 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
 
 
 def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encoder: Any, *, wrapped: bool,
-                train_text: bool, device: Any, validation: Any = None, autocast: Any = None) -> Any:
+                train_text: bool, device: Any, validation: Any = None, autocast: Any = None,
+                root: Optional[str] = None, precision: str = "no", write: bool = True) -> Any:
     """The prompt encoder replaced by one that serves outputs computed once (``model.cache_text``)."""
     from ..config.values import fill_placeholders
     from .text_cache import cache_text
@@ -302,7 +304,8 @@ def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encode
     extra = [] if p.sample is None else [*(fill_placeholders(x, p.sample.word_names) for x in p.sample.prompts),
                                          p.sample.negative_prompt]
     held = {f"validation.{name}": prep for name, prep in (validation or {}).items()}  # their prompts too
-    return cache_text(encoder, models, {**data.prepared, **held}, extra, device=device, autocast=autocast)
+    return cache_text(encoder, models, {**data.prepared, **held}, extra, device=device, autocast=autocast,
+                      root=root, precision=precision, write=write)
 
 
 def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: str, *, vae_bf16_safe: bool = False) -> None:

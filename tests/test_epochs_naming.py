@@ -159,11 +159,13 @@ def test_log_file_gets_a_loss_line_every_log_every_steps_under_a_progress_bar(tm
     progress = Progress(5, 0, 2)
     assert progress.bar is not None
     for step in range(1, 6):
-        progress.update(step, 0.5, 1e-4 * step)
+        progress.update(step, 0.5, 1e-4 * step, data_wait=0.01 * step)
     progress.close()
     file_handler.close()
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert [line.split(" loss")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
+    # The mean wait of the steps since the previous line: (10+20)/2, (30+40)/2, 50 ms.
+    assert [line.split("data wait ")[1].split(" ms/step")[0] for line in lines] == ["15", "35", "50"]
     assert "lr 5.000e-04" in lines[-1] and console.stream.getvalue() == ""  # the bar shows it on the terminal
 
 

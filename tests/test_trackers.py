@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import time
 from typing import Any, Dict, List, Tuple
 
 import attrs
@@ -87,6 +88,15 @@ def test_a_run_logs_to_every_chosen_tracker(tmp_path, demo_model_dir, demo_data_
         'optimizer = { type = "adamw" }',
         f'optimizer = {{ type = "adamw" }}\ntrackers = [{{ type = "tensorboard", log_dir = "tb" }}, {{ type = "recording", label = "L" }}{wandb}]')
     RecordingTracker.made.clear()
+    from hcp_core.data.loader import TrainData
+
+    fetch = TrainData.next_batches
+
+    def slow_fetch(self):  # a loader that keeps each step waiting 0.12 s
+        time.sleep(0.12)
+        return fetch(self)
+
+    monkeypatch.setattr(TrainData, "next_batches", slow_fetch)
     hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, text), registry=registry))
 
     (mine,) = RecordingTracker.made
@@ -96,6 +106,8 @@ def test_a_run_logs_to_every_chosen_tracker(tmp_path, demo_model_dir, demo_data_
     losses = [(step, value) for tag, value, step in mine.scalars if tag == "loss"]
     assert [s for s, _ in losses] == [1, 2] and all(np.isfinite(v) for _, v in losses)
     assert any(tag.startswith("lr/") for tag, _, _ in mine.scalars)
+    waits = [(step, value) for tag, value, step in mine.scalars if tag == "time/data_wait"]
+    assert [s for s, _ in waits] == [1, 2] and all(0.12 <= v < 60 for _, v in waits)
     ((tag, image, step),) = mine.images
     assert (tag, step, image.shape, image.dtype) == ("samples/0", 2, (32, 32, 3), np.uint8)
     png = np.asarray(Image.open(exp / "samples" / "step-2" / "00.png").convert("RGB"))

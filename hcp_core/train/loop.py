@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
@@ -101,6 +102,8 @@ class PendingStep:
     datasets: Tuple[str, ...]
     #: Each parameter group's learning rate during the step.
     lrs: List[float]
+    #: Seconds the step waited for the data loader's batches.
+    data_wait: float = 0.0
 
 
 def optimizer_step(run: Run, step: int) -> PendingStep:
@@ -112,10 +115,13 @@ def optimizer_step(run: Run, step: int) -> PendingStep:
     cfg, acc = run.pipeline.train, run.accelerator
     total: Optional[torch.Tensor] = None
     names: Tuple[str, ...] = ()
+    waited = 0.0
     for micro in range(cfg.gradient_accumulation):
         if run.grad_sync is not None:  # buckets start reducing during the last micro-step's backward
             run.grad_sync.micro_step(micro, cfg.gradient_accumulation)
+        asked = time.perf_counter()
         batches = run.data.next_batches()
+        waited += time.perf_counter() - asked
         # Dropout draws from the global RNG (gradient checkpointing replays it); keying it on the
         # step means nothing else that touches it (previews, plugins) can make a resume differ.
         torch.manual_seed(sample_seed(run.pipeline.seed, step, micro, stream=2))
@@ -132,7 +138,7 @@ def optimizer_step(run: Run, step: int) -> PendingStep:
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     assert total is not None
-    return PendingStep(total, names, lrs)
+    return PendingStep(total, names, lrs, waited)
 
 
 def settle_step(run: Run, step: int, pending: PendingStep) -> float:
@@ -152,7 +158,7 @@ def settle_step(run: Run, step: int, pending: PendingStep) -> float:
             f"the trained weights became NaN or infinite in the update of step {step + 1}; stopping without saving "
             f"them ({_last_good(run)}). Lower the learning rate or set train.max_grad_norm."
         )
-    run.stats.record(step + 1, value, dict(zip(pending.datasets, parts)), pending.lrs)
+    run.stats.record(step + 1, value, dict(zip(pending.datasets, parts)), pending.lrs, pending.data_wait)
     return value
 
 
@@ -244,13 +250,16 @@ def _last_good(run: Run) -> str:
 
 
 def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
-    """Progress bar and log line, and the tracker's scalars: ``loss``, ``loss/<dataset>`` and the
-    learning rates step ``step`` used (recorded by :func:`optimizer_step` in ``run.stats``)."""
-    stats = run.stats if run.stats.step == step else None  # None: a wrapper replaced optimizer_step
+    """Progress bar and log line, and the tracker's scalars: ``loss``, ``loss/<dataset>``, the
+    learning rates step ``step`` used and ``time/data_wait`` (seconds the step waited for its
+    batches), as :func:`settle_step` recorded them in ``run.stats``."""
+    stats = run.stats if run.stats.step == step else None  # None: a wrapper replaced the step
     lrs = stats.lrs if stats is not None else [float(g["lr"]) for g in run.optimizer.param_groups]
-    progress.update(step, loss, lrs[0])
+    data_wait = stats.data_wait if stats is not None else 0.0
+    progress.update(step, loss, lrs[0], data_wait)
     if run.writer is not None:
         run.writer.add_scalar("loss", loss, step)
+        run.writer.add_scalar("time/data_wait", data_wait, step)
         for name, value in (stats.datasets if stats is not None else {}).items():
             run.writer.add_scalar(f"loss/{name}", value, step)
         for g, lr in zip(run.optimizer.param_groups, lrs):

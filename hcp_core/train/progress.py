@@ -22,10 +22,14 @@ class StepStats:
     loss: float = float("nan")
     datasets: Dict[str, float] = attrs.field(factory=dict)
     lrs: List[float] = attrs.field(factory=list)
+    #: Seconds the step waited for the data loader (a GPU starved by decoding shows here).
+    data_wait: float = 0.0
 
-    def record(self, step: int, loss: float, datasets: Dict[str, float], lrs: List[float]) -> None:
+    def record(self, step: int, loss: float, datasets: Dict[str, float], lrs: List[float],
+               data_wait: float = 0.0) -> None:
         """Replace the contents with step ``step``'s values."""
         self.step, self.loss, self.datasets, self.lrs = step, loss, dict(datasets), list(lrs)
+        self.data_wait = data_wait
 
 
 class Progress:
@@ -38,18 +42,21 @@ class Progress:
     def __init__(self, total: int, start: int, every: int, enabled: bool = True, plan: Any = None) -> None:
         self.total, self.step, self.every, self.enabled, self.plan = total, start, every, enabled, plan
         self.t0, self.s0 = time.perf_counter(), start
+        self.waited, self.waited_steps = 0.0, 0  # data-loader waits since the last log line
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        """Step ``step`` is done; ``lr`` is the learning rate it used."""
+    def update(self, step: int, loss: float, lr: float, data_wait: float = 0.0) -> None:
+        """Step ``step`` is done; ``lr`` is the learning rate it used, ``data_wait`` the seconds it
+        waited for its batches (the log line gives their mean since the previous line)."""
         if not self.enabled:
             return
         done = step - self.step
         self.step = step
+        self.waited, self.waited_steps = self.waited + data_wait, self.waited_steps + done
         epoch = f" {self.plan.describe(step)}" if self.plan is not None else ""
         if self.bar is not None:
             self.bar.update(done)
@@ -59,7 +66,10 @@ class Progress:
             elapsed = time.perf_counter() - self.t0
             rate = (step - self.s0) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - step) / rate if rate > 0 else float("nan")
-            args = ("step %d/%d%s loss %.5f lr %.3e %.2f it/s ETA %s", step, self.total, epoch, loss, lr, rate, _fmt(eta))
+            wait_ms = 1000 * self.waited / max(self.waited_steps, 1)
+            self.waited, self.waited_steps = 0.0, 0
+            args = ("step %d/%d%s loss %.5f lr %.3e %.2f it/s data wait %.0f ms/step ETA %s", step, self.total, epoch,
+                    loss, lr, rate, wait_ms, _fmt(eta))
             if self.bar is None:
                 log.info(*args)
             else:  # the bar already shows it on the terminal: only the log file gets the line

@@ -146,6 +146,28 @@ def test_a_broken_plugin_is_reported_by_name_and_distribution_and_the_rest_load(
     assert out.getvalue() == f"hcp failed to load plugin 'broken' (from distribution hcp-broken-plugin): {why}\n"
 
 
+def test_config_errors_name_the_plugins_that_failed_to_load(site: Path) -> None:
+    """A component of a plugin that failed to import is "unknown" in the config: the error says why."""
+    from hcp_core.config.pipeline import build_pipeline
+    from hcp_core.errors import ConfigError
+
+    core_components.write(site / "hcp_pm_test_broken.py", "raise ImportError('needs libfoo')\n")
+    core_components.fake_distribution(site, "hcp-broken-plugin", {"broken": "hcp_pm_test_broken"})
+    reg = build_registry()
+    raw = {"model": {"pretrained": "m"},
+           "data": {"ds": {"sources": [{"type": "broken_source", "img_root": "i"}], "bucket": {"type": "ratio"}}}}
+    with pytest.raises(ConfigError) as err:
+        build_pipeline(raw, reg)
+    lines = str(err.value).splitlines()
+    assert any("unknown data source 'broken_source'" in line for line in lines)
+    assert lines[-1] == ("  note: 1 plugin(s) failed to load, so their components are unknown: broken (ImportError: "
+                         "needs libfoo); `hcp plugins` lists what loaded")
+    reg.failures.clear()  # the same registry with nothing broken: no note
+    with pytest.raises(ConfigError) as clean:
+        build_pipeline(raw, reg)
+    assert "unknown data source 'broken_source'" in str(clean.value) and "failed to load" not in str(clean.value)
+
+
 def test_report_failures_writes_to_stderr_by_default(capsys) -> None:
     reg = plugins.Registry()
     reg.failures.append(("x", None, "ImportError: nope"))

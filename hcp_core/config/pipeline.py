@@ -77,6 +77,10 @@ def build_pipeline(raw: Mapping[str, Any], registry: Optional[Registry] = None, 
         except ConfigError as exc:
             errors.extend(_lines(exc))
     if errors:
+        if registry.failures:  # their components are missing from every "Known:" list above
+            broken = "; ".join(f"{name} ({reason})" for name, _dist, reason in registry.failures)
+            errors.append(f"note: {len(registry.failures)} plugin(s) failed to load, so their components are unknown: "
+                          f"{broken}; `hcp plugins` lists what loaded")
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     assert pipeline is not None
     if not pipeline.data:

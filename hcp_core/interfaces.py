@@ -273,8 +273,9 @@ class ModelFamily(Protocol):
     Optional members: ``size_multiple(models) -> int`` (what bucket sides must be multiples of,
     default the latent factor; a transformer patching 2x2 latents needs twice it),
     ``text_cache = True`` (prompt outputs have a fixed shape per prompt, or the prompt encoder
-    offers ``chunk_count(prompt)`` and pads a batch with empty-prompt chunks, so ``model.cache_text``
-    may encode them once: :mod:`hcp_core.train.text_cache`) and ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
+    offers ``chunk_count(prompt)`` and pads a batch with empty-prompt chunks, so
+    ``model.cache_text`` may encode them once: :mod:`hcp_core.train.text_cache`) and
+    ``default_layers(part) -> List[str]`` (the layer patterns a LoRA
     group on ``part`` uses when it names no ``layers``; an empty list when the family has none
     for that part), ``custom_words = True`` (``hcp generate --embeddings`` works on its models),
     ``write_single_file(models, path, dtype) -> Path`` (``merge-lora --single-file`` writes its

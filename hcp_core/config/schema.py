@@ -53,10 +53,9 @@ class CompileConfig:
     mode: str = attrs.field(default="default", validator=one_of(COMPILE_MODES))
     #: "auto" (torch's own choice): the first bucket size gets a specialised graph; a size that
     #: differs makes the sides that changed symbolic (at most three graphs for every bucket to
-    #: come). True: symbolic sizes from
-    #: the start; False: one graph per bucket size (faster kernels, one compile per bucket, at
-    #: most ``recompile_limit``). Symbolic graphs compile much slower: an SD 1.5 UNet with LoRA
-    #: took 113 s specialised and over 300 s symbolic on an H200.
+    #: come). True: symbolic sizes from the start; False: one graph per bucket size (faster
+    #: kernels, one compile per bucket, at most ``recompile_limit``). Symbolic graphs compile much
+    #: slower: an SD 1.5 UNet with LoRA took 113 s specialised and over 300 s symbolic on an H200.
     dynamic: Union[bool, str] = "auto"
     #: "inductor" generates kernels (needs a C++ compiler on CPU, triton on CUDA); "aot_eager" and
     #: "eager" only trace (for checking that a model compiles, no speed-up).

@@ -18,8 +18,9 @@ batches ready across epoch boundaries.
 
 Loading never touches the global RNGs (torch, ``random``, numpy): batch order, crops and prompt
 edits are keyed on (seed, dataset, epoch, sample), and each DataLoader draws its worker seeds
-from its own generator keyed on (seed, dataset, the epoch the iterator starts in). So whether the loop built its iterators
-at step 0 or at a resumed step, the global RNG that LoRA dropout uses is the same.
+from its own generator keyed on (seed, dataset, the epoch the iterator starts in). So whether the
+loop built its iterators at step 0 or at a resumed step, the global RNG that LoRA dropout uses is
+the same.
 """
 from __future__ import annotations
 

@@ -136,8 +136,11 @@ class PromptEncoder:
     def chunk_count(self, prompt: str) -> int:
         """How many 77-token chunks ``prompt`` encodes to in a batch of its own (at most
         ``max_chunks``); a batch pads to its longest prompt's count with empty chunks."""
-        tokens = min(len(self.weighted_token_ids(prompt)[0]), self.max_chunks * self.tokens_per_chunk)
-        return max(1, math.ceil(tokens / self.tokens_per_chunk))
+        return self._chunks_for(len(self.weighted_token_ids(prompt)[0]))
+
+    def _chunks_for(self, tokens: int) -> int:
+        """Chunks that ``tokens`` prompt tokens fill: at least 1, at most ``max_chunks``."""
+        return min(self.max_chunks, max(1, math.ceil(tokens / self.tokens_per_chunk)))
 
     def _windows(self, values: Sequence[Any], n_chunks: int, bos: Any, eos: Any, pad: Any) -> List[Any]:
         out: List[Any] = []
@@ -179,7 +182,7 @@ class PromptEncoder:
                 ids, weights = ids[:limit], weights[:limit]
             all_ids.append(ids)
             all_weights.append(weights)
-        n_chunks = max([1] + [math.ceil(len(ids) / self.tokens_per_chunk) for ids in all_ids])
+        n_chunks = max([1, *(self._chunks_for(len(ids)) for ids in all_ids)])
         return (torch.tensor([self.chunk(ids, n_chunks) for ids in all_ids], dtype=torch.long),
                 torch.tensor([self.chunk_weights(w, n_chunks) for w in all_weights], dtype=torch.float32))
 

@@ -9,12 +9,14 @@ add no graphs and no compile time.
 
 Bucket sizes: ``dynamic = "auto"`` (the default, torch's own ``dynamic=None``) compiles the first
 bucket size specialised and, when a size differs, a graph with the changed sides symbolic (at
-most three graphs however many buckets follow); ``dynamic = true`` compiles symbolic sizes from the start (dynamo still
-specialises sizes 0 and 1 and may guard on a few divisibility checks, so a handful of graphs can
-appear); ``dynamic = false`` compiles one graph per bucket size, each faster. Symbolic graphs
-take much longer to compile (an SD 1.5 UNet with LoRA on an H200: 113 s specialised, over 300 s
-symbolic), so a one-bucket run is best served by "auto" or false. Either way at most ``recompile_limit`` graphs are kept (``torch._dynamo.config.
-recompile_limit`` (``cache_size_limit`` before torch 2.6), set to 16 by default instead of torch's 8); shapes beyond it run eagerly and
+most three graphs however many buckets follow); ``dynamic = true`` compiles symbolic sizes from
+the start (dynamo still specialises sizes 0 and 1 and may guard on a few divisibility checks, so
+a handful of graphs can appear); ``dynamic = false`` compiles one graph per bucket size, each
+faster. Symbolic graphs take much longer to compile (an SD 1.5 UNet with LoRA on an H200: 113 s
+specialised, over 300 s symbolic), so a one-bucket run is best served by "auto" or false. Either
+way at most ``recompile_limit`` graphs are kept (``torch._dynamo.config.recompile_limit``,
+``cache_size_limit`` before torch 2.6, set to 16 by default instead of torch's 8); shapes beyond
+it run eagerly and
 torch warns. Compiling costs minutes on a large model (the first step) and pays off on long runs; the
 log reports the first step's time, the compile time and the time of the following steps.
 """

@@ -114,8 +114,8 @@ def test_buckets_respect_the_size_and_keep_one_dtype_each() -> None:
     assert buckets[0][0] == 4  # last tensors first: backward produces them first
 
 
-def test_sharded_engines_from_accelerate_config_are_refused(tmp_path, demo_model_dir, demo_data_dir, monkeypatch,
-                                                           capsys) -> None:
+def test_deepspeed_and_megatron_from_accelerate_config_are_refused(tmp_path, demo_model_dir, demo_data_dir,
+                                                                    monkeypatch, capsys) -> None:
     import pytest
 
     from hcp_core import cli
@@ -123,14 +123,16 @@ def test_sharded_engines_from_accelerate_config_are_refused(tmp_path, demo_model
     from hcp_core.train.grad_sync import refuse_sharded_engines
     from train_support import pipeline_toml, write_pipeline
 
-    refuse_sharded_engines({"ACCELERATE_USE_FSDP": "false"}, "MULTI_GPU")  # plain data parallel: fine
+    refuse_sharded_engines({"ACCELERATE_USE_DEEPSPEED": "false"}, "MULTI_GPU")  # plain data parallel: fine
+    refuse_sharded_engines({"ACCELERATE_USE_FSDP": "true"}, "MULTI_GPU")  # FSDP: hcp shards itself (sharding.py)
     with pytest.raises(UserError, match="accelerate is configured for DeepSpeed, which hcp does not support"):
         refuse_sharded_engines({"ACCELERATE_USE_DEEPSPEED": "true"})
-    with pytest.raises(UserError, match="configured for FSDP"):
-        refuse_sharded_engines({}, "FSDP")
-    # What `accelerate launch --config_file fsdp.yaml` sets: refused at start-up, before the model loads.
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="configured for MEGATRON_LM"):
+        refuse_sharded_engines({}, "MEGATRON_LM")
+    # What `accelerate launch --config_file deepspeed.yaml` sets: refused at start-up, before the model loads.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=1))
     assert cli.main(["run", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "accelerate is configured for FSDP" in err and "distributed_type: MULTI_GPU" in err
+    assert "accelerate is configured for DeepSpeed" in err and "distributed_type: FSDP" in err
+    assert not (tmp_path / "exp" / "config.toml").exists()

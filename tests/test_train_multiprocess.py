@@ -1,30 +1,9 @@
 """Two CPU processes (gloo) under torchrun: identical ranks, and the same result as one process."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-
 from safetensors.torch import load_file
 
-from train_support import assert_same_tensors, hcp, hcp_env, pipeline_toml, write_pipeline
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(cfg, processes: int = 2) -> subprocess.CompletedProcess:
-    """``hcp run cfg`` under torchrun with ``processes`` CPU (gloo) processes."""
-    env = hcp_env()
-    env["MASTER_ADDR"] = "127.0.0.1"
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "hcp_core", "run", str(cfg)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+from train_support import assert_same_tensors, hcp, pipeline_toml, torchrun, write_pipeline
 
 
 def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tmp_path, demo_model_dir, demo_data_dir) -> None:

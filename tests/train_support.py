@@ -68,9 +68,10 @@ def hcp_env() -> Dict[str, str]:
     return env
 
 
-def hcp(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the ``hcp`` CLI in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "hcp_core", *args], cwd=cwd, env=hcp_env(),
+def hcp(*args: str, cwd: Path | None = None, timeout: int = 300,
+        env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the ``hcp`` CLI in a fresh process; ``env`` adds variables."""
+    return subprocess.run([sys.executable, "-m", "hcp_core", *args], cwd=cwd, env={**hcp_env(), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -196,3 +197,22 @@ def assert_flow_load_errors(fam: object, model_dir: Path, tmp_path: Path, *, par
         fam.load(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match=prediction_message):
         fam.load(str(model_dir), prediction_type=prediction_type)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(cfg: Path, processes: int = 2, *args: str, env: Dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``hcp run cfg [args]`` under torchrun with ``processes`` CPU (gloo) processes; ``env`` adds variables."""
+    full = {**hcp_env(), "MASTER_ADDR": "127.0.0.1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "hcp_core", "run", str(cfg), *args],
+        env=full, capture_output=True, text=True, timeout=300,
+    )
+

@@ -196,36 +196,35 @@ class GradSync:
         self._handles = []
 
 
-#: accelerate's switches (set by ``accelerate launch`` from its config file) for engines that shard
-#: or wrap the model; hcp's parallelism is data parallel with whole-model replicas.
-SHARDED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                   "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+#: accelerate's switches (set by ``accelerate launch`` from its config file) for engines that wrap
+#: the model and own its training step; hcp runs data parallel, or FSDP (:mod:`.sharding`).
+SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def refuse_sharded_engines(environ: Mapping[str, str], distributed_type: Optional[str] = None) -> None:
-    """A clear :class:`~hcp_core.errors.UserError` when accelerate is configured for FSDP, DeepSpeed
-    or Megatron-LM (``environ``: the launch's environment; ``distributed_type``: the accelerator's).
+    """A clear :class:`~hcp_core.errors.UserError` when accelerate is configured for DeepSpeed or
+    Megatron-LM (``environ``: the launch's environment; ``distributed_type``: the accelerator's).
 
-    hcp keeps a whole copy of the model on every process and averages gradients itself (this
-    module); it does not shard parameters, gradients or optimizer states, so running under such a
-    config would silently not do what the config says.
+    These engines wrap the model and run its step themselves; hcp averages gradients itself (this
+    module) or shards the denoiser with FSDP (:mod:`.sharding`), so running under such a config
+    would silently not do what the config says.
     """
     from ..errors import UserError
 
     asked = [name for var, name in SHARDED_ENGINES.items() if str(environ.get(var, "")).lower() in ("1", "true", "yes")]
-    if distributed_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if distributed_type in ("DEEPSPEED", "MEGATRON_LM"):
         asked.append(distributed_type)
     if asked:
         raise UserError(
             f"accelerate is configured for {asked[0]}, which hcp does not support: hcp trains data-parallel (every "
-            "process holds the whole model; gradients are averaged in overlapped buckets). Use an accelerate config "
-            "with distributed_type: MULTI_GPU (or `torchrun --nproc_per_node N -m hcp_core run ...`); for models "
-            "that do not fit one GPU, train LoRA, enable model.gradient_checkpointing and mixed precision "
-            "(docs/training.md, Multi-GPU)")
+            "process holds the whole model; gradients are averaged in overlapped buckets) or, for full fine-tunes "
+            "too big for that, with FSDP. Use an accelerate config with distributed_type: MULTI_GPU (or `torchrun "
+            "--nproc_per_node N -m hcp_core run ...`), or distributed_type: FSDP to shard the denoiser's trained "
+            "weights, gradients and optimizer state (docs/training.md, Multi-GPU)")
 
 
 def grad_sync_for(accelerator: Any, params: Sequence[torch.nn.Parameter]) -> Optional[GradSync]:
-    """A :class:`GradSync` over ``params`` when several processes train, else None."""
-    if accelerator.num_processes == 1:
+    """A :class:`GradSync` over ``params`` when several processes train them, else None."""
+    if accelerator.num_processes == 1 or not params:
         return None
     return GradSync(params, accelerator.num_processes)

@@ -27,7 +27,9 @@ from .epochs import run_plan
 from .interrupts import StopSignals, stopped
 from .optim import evaluation_weights
 from .progress import Progress
+from .sample_images import sample_due
 from .setup import Run
+from .sharding import Sharding
 
 log = logging.getLogger("hcp")
 
@@ -63,9 +65,12 @@ def train(run: Run, start: int = 0) -> RunResult:
                     run.ema.update()
                 log_step(run, progress, step, last_loss)
                 if run.validation is not None and run.validation.due(step, total):
-                    run.validation.evaluate(run, step)
-                if run.renderer is not None and run.renderer.due(step, total):
-                    run.renderer.sample(step)
+                    with run.gathered():
+                        run.validation.evaluate(run, step)
+                if run.pipeline.sample is not None and sample_due(run.pipeline.sample, step, total):
+                    with run.gathered():  # with FSDP every process gathers; the main one renders
+                        if run.renderer is not None:
+                            run.renderer.sample(step)
                 signum = stop.agreed(lambda s: _reduce_max(run, s))
                 if signum:
                     if step > last_saved or not ckpt.list_checkpoints(run.exp_dir):
@@ -82,12 +87,12 @@ def train(run: Run, start: int = 0) -> RunResult:
     if step > last_saved or not ckpt.list_checkpoints(run.exp_dir):
         save(run, step)
     check_ranks_agree(run)
-    exports: List[str] = []
-    if run.is_main:
-        exports = export(run, None)
-        if run.renderer is not None:  # with the exported weights (EMA swapped in, if any)
-            with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+    exports = export(run, None)
+    if run.pipeline.sample is not None:  # with the exported weights (EMA swapped in, if any)
+        with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext(), run.gathered():
+            if run.renderer is not None:
                 run.renderer.sample(step)
+    if run.is_main:
         log.info("done: %d steps, exports: %s", step, ", ".join(exports) or "none")
     run.accelerator.wait_for_everyone()
     return RunResult(exp_dir=str(run.exp_dir), step=step, exports=exports, last_loss=last_loss)
@@ -147,8 +152,11 @@ def settle_step(run: Run, step: int, pending: PendingStep) -> float:
     it is saved. Records :class:`~.progress.StepStats` and returns the step's loss.
     """
     device = pending.values.device
-    norms = torch._foreach_norm([p.detach() for p in run.trained_params]) if run.trained_params else []
+    local = [p.detach().to_local() if Sharding.is_sharded(p) else p.detach() for p in run.trained_params]
+    norms = torch._foreach_norm(local) if local else []
     weight_sum = torch.stack([n.float().to(device) for n in norms]).sum() if norms else torch.zeros((), device=device)
+    if run.sharding is not None:  # a NaN in one process's shard stops every process
+        weight_sum = run.sharding.weight_total(weight_sum)
     value, *parts, weight_total = torch.cat([pending.values.float().flatten(), weight_sum.reshape(1)]).tolist()
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "
@@ -267,9 +275,10 @@ def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint (all ranks wait) and export user-facing files; the main process writes."""
+    """Checkpoint (all ranks wait) and export user-facing files; the main process writes. With
+    FSDP every process takes part in gathering whole tensors."""
     run.accelerator.wait_for_everyone()
-    if run.is_main:
+    if run.is_main or run.sharding is not None:
         state = {
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.lr_scheduler.state_dict(),
@@ -277,19 +286,31 @@ def save(run: Run, step: int) -> None:
             "data": run.data.state_dict(),
             "ema": run.ema.state_dict() if run.ema else {},
         }
-        meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
-        path = ckpt.save_checkpoint(run.exp_dir, step, trainable=run.trainable_state(), training_state=state,
-                                    meta=meta, keep=run.pipeline.train.keep_checkpoints)
+        if run.sharding is not None:  # checkpoints hold whole tensors, with or without FSDP
+            state = run.sharding.full(state)
+        with run.gathered():  # copied out: FSDP frees the gathered storage on the way out
+            trainable = {k: v.detach().to("cpu", copy=run.sharding is not None)
+                         for k, v in (run.trainable_state() if run.is_main else {}).items()}
+        if run.is_main:
+            meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
+            path = ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state,
+                                        meta=meta, keep=run.pipeline.train.keep_checkpoints)
         export(run, step)
-        ckpt.mark_exported(path)
-        log.info("saved checkpoint %s", path)
+        if run.is_main:
+            ckpt.mark_exported(path)
+            log.info("saved checkpoint %s", path)
     run.accelerator.wait_for_everyone()
 
 
 def export(run: Run, step: Optional[int]) -> List[str]:
-    """Every adapter's user-facing files for ``step`` (None: the final ones, EMA weights if on)."""
+    """Every adapter's user-facing files for ``step`` (None: the final ones, EMA weights if on),
+    written by the main process; call it on every process (with FSDP they gather the weights)."""
+    if not run.is_main and run.sharding is None:
+        return []
     ema = run.ema.swapped_in() if run.ema is not None and step is None else contextlib.nullcontext()
-    with ema, evaluation_weights(run.optimizer):  # a schedule-free optimizer's averaged weights
+    with ema, evaluation_weights(run.optimizer), run.gathered():  # a schedule-free optimizer's averaged weights
+        if not run.is_main:
+            return []
         return [path for _, adapter in run.adapters for path in adapter.export(run.models, str(run.exp_dir), step)]
 
 
@@ -314,10 +335,16 @@ def check_ranks_agree(run: Run) -> None:
         return
     digest = hashlib.sha256()
     for prm in run.trained_params:
-        digest.update(prm.detach().float().cpu().numpy().tobytes())
+        if not Sharding.is_sharded(prm):  # FSDP shards differ by design: each process holds its own part
+            digest.update(prm.detach().float().cpu().numpy().tobytes())
     words = torch.tensor(list(digest.digest()[:16]), dtype=torch.int64, device=run.accelerator.device)
     gathered = run.accelerator.gather(words.reshape(1, -1)).reshape(n, -1)
     if not all(torch.equal(gathered[0], row) for row in gathered):
         raise RuntimeError("processes ended with different trained weights; gradients were not synchronised")
-    log.info("all %d processes hold identical trained weights (sha256 %s...)", n, digest.hexdigest()[:12])
+    sharded = sum(Sharding.is_sharded(prm) for prm in run.trained_params)
+    if sharded == len(run.trained_params):
+        log.info("every trained tensor is an FSDP shard (%d, one part on each of %d processes)", sharded, n)
+        return
+    note = f"; {sharded} more are FSDP shards, one part on each process" if sharded else ""
+    log.info("all %d processes hold identical trained weights (sha256 %s...)%s", n, digest.hexdigest()[:12], note)
 

@@ -16,6 +16,7 @@ from .optim import build_scheduler
 from .epochs import run_plan
 from .resume import SCHEDULE_LENGTH_KEYS, check_resume_config
 from .setup import Run, build_adapters, build_run
+from .sharding import shard_optimizer_state, shard_state
 
 __all__ = ["RunResult", "TrainingDiverged", "build_adapters", "build_run", "restore", "run", "train"]
 
@@ -53,27 +54,30 @@ def restore(run: Run, where: str) -> Tuple[Run, int]:
         applied = check_resume_config(meta["config"], pipeline_to_dict(run.pipeline), sections, str(path))
     else:
         log.warning("%s predates config checks: changes to the pipeline since then are not verified", path)
-    for name, adapter in run.adapters:
-        prefix = f"{name}/"
-        adapter.load_trainable_state({k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)})
+    with run.gathered(write_back=True):  # with FSDP: loaded into whole weights, then into each shard
+        for name, adapter in run.adapters:
+            prefix = f"{name}/"
+            adapter.load_trainable_state({k[len(prefix):]: v for k, v in trainable.items() if k.startswith(prefix)})
     configured = [g.get("max_lr", g.get("initial_lr", g["lr"])) for g in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(state["optimizer"])
+    run.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], run.optimizer) if run.sharding else
+                                  state["optimizer"])
     if any(_changes_schedule(line) for line in applied):
         run = attrs.evolve(run, lr_scheduler=_rebuilt_schedule(run, configured, state["scheduler"]))
     else:
         run.lr_scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None and state["ema"]:
-        run.ema.load_state_dict(state["ema"])
+        run.ema.load_state_dict({k: shard_state(v, run.ema.shadow[int(k.split(".")[1])]) for k, v in state["ema"].items()})
     run.data.load_state_dict(state["data"])
     ckpt.set_rng_state(state["rng"])
     step = int(meta["step"])
     log.info("resumed from %s at step %d", path, step)
     for line in applied:
         log.info("resume: applied the changed value %s", line)
-    if run.is_main and not ckpt.is_exported(path):
+    if not ckpt.is_exported(path):  # every process knows (the folder is shared); with FSDP all gather
         log.info("the exports of step %d were cut off; writing them again", step)
         export(run, step)
-        ckpt.mark_exported(path)
+        if run.is_main:
+            ckpt.mark_exported(path)
     run.accelerator.wait_for_everyone()
     return run, step
 

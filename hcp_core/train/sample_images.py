@@ -72,6 +72,13 @@ def isolated_from_training(modules: List[torch.nn.Module], encoder: Any) -> Iter
             uses.update(before)
 
 
+def sample_due(config: Any, step: int, max_steps: int) -> bool:
+    """Whether ``[sample]`` (``config``) renders after ``step``: a multiple of ``every``, not the
+    last step (the run's end samples anyway)."""
+    every = config.every
+    return bool(every) and step % every == 0 and step < max_steps
+
+
 class SampleRenderer:
     """Renders ``config``'s prompts with the run's models; the main process owns one."""
 
@@ -114,9 +121,8 @@ class SampleRenderer:
         ]
 
     def due(self, step: int, max_steps: int) -> bool:
-        """Whether ``step`` (not the last: the run's end samples anyway) is a multiple of ``every``."""
-        every = self.config.every
-        return bool(every) and step % every == 0 and step < max_steps
+        """Whether samples are rendered after ``step`` (:func:`sample_due`)."""
+        return sample_due(self.config, step, max_steps)
 
     def sample(self, step: int) -> List[Path]:
         """Render every prompt at ``step``; return the image files (grid last)."""

@@ -5,6 +5,7 @@ registry the pipeline was validated against (``pipeline.registry``), never a pro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from .compile import check_backend, setup_compile
 from .ema import Ema
 from .epochs import run_plan
 from .grad_sync import grad_sync_for, refuse_sharded_engines
+from .sharding import Sharding, check_compatible, fsdp_settings, hidden_from_accelerate
 from .optim import build_optimizer, build_scheduler
 from .packages import check_packages
 from .progress import StepStats
@@ -58,13 +60,21 @@ class Run:
     stats: StepStats = attrs.field(factory=StepStats)  # what the last optimizer step measured (loop.py)
     grad_sync: Any = None  # hcp_core.train.grad_sync.GradSync with several processes, else None
     compiled: Any = None  # hcp_core.train.compile.CompileWatch when model.compile is on, else None
+    sharding: Optional[Sharding] = None  # the FSDP-sharded denoiser (accelerate's FSDP config), else None
 
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
+    def gathered(self, write_back: bool = False) -> Any:
+        """A context in which every module holds its whole weights (see
+        :meth:`.sharding.Sharding.gathered`; nothing happens without FSDP). With FSDP, every process
+        must enter it."""
+        return self.sharding.gathered(write_back) if self.sharding is not None else contextlib.nullcontext()
+
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        """Every adapter's trained tensors, keyed ``<adapter>/<name>`` (what checkpoints hold)."""
+        """Every adapter's trained tensors, keyed ``<adapter>/<name>`` (what checkpoints hold);
+        with FSDP, call it inside :meth:`gathered`."""
         out: Dict[str, torch.Tensor] = {}
         for name, adapter in self.adapters:
             out.update({f"{name}/{k}": v for k, v in adapter.trainable_state().items()})
@@ -127,11 +137,14 @@ def make_accelerator(pipeline: Pipeline) -> Any:
     # launch lives in PartialState, which stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    refuse_sharded_engines(os.environ)  # FSDP / DeepSpeed configs: refused (grad_sync.py says why)
+    refuse_sharded_engines(os.environ)  # DeepSpeed / Megatron configs: refused (grad_sync.py says why)
     from .precision import machine_precision
 
     precision, why = machine_precision(pipeline.model.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    if fsdp_settings(os.environ) is not None:  # unsupported FSDP settings fail here, before anything loads
+        check_compatible(pipeline, precision)
+    with hidden_from_accelerate(os.environ):  # hcp shards the denoiser itself (sharding.py)
+        accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     refuse_sharded_engines({}, str(accelerator.distributed_type.value))  # however accelerate was told
     accelerator.precision_reason = why  # logged once the run's log exists
     return accelerator
@@ -255,11 +268,18 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
                  vae_bf16_safe=bool(vae_check is not None and vae_check(models)))
     data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
                        wait=acc.wait_for_everyone)
+    sharding, groups, trained = shard_denoiser(models, groups, trained, acc)
     # Models are not wrapped in DDP: gradients of the trained tensors are averaged across processes
     # in buckets reduced during backward (grad_sync.py), which keeps module names and frees
     # adapters to train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
-    grad_sync = grad_sync_for(acc, trained)
+    grad_sync = grad_sync_for(acc, [prm for prm in trained if not Sharding.is_sharded(prm)])  # FSDP reduces its own
     optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
+    if sharding is not None:
+        from .optim import schedule_free
+
+        if schedule_free(optimizer) is not None:
+            raise UserError("a schedule-free optimizer with FSDP is not supported (its averaged weights are swapped in "
+                            "outside the sharded state); use another optimizer or train without FSDP")
     compiled = setup_compile(models, compile_options(p.model.compile), optimizer)
     lr_scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     prompt_encoder = family.prompt_encoder(models, clip_skip=p.model.clip_skip)
@@ -285,7 +305,27 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     )  # fmt: skip
     validation = Validation.build(p, val_data, latent_factor=factor) if val_data else None
     return attrs.evolve(run, renderer=build_renderer(run), validation=validation, grad_sync=grad_sync,
-                        compiled=compiled)
+                        compiled=compiled, sharding=sharding)
+
+
+def shard_denoiser(models: ModelBundle, groups: List[Dict[str, Any]], trained: List[torch.nn.Parameter],
+                   acc: Any) -> Tuple[Optional[Sharding], List[Dict[str, Any]], List[torch.nn.Parameter]]:
+    """With accelerate's FSDP config and several processes: the denoiser's trained tensors sharded
+    (:mod:`.sharding`), and the optimizer's groups and the trained list pointing at the shards."""
+    settings = fsdp_settings(os.environ)
+    if settings is None:
+        return None, groups, trained
+    if acc.num_processes == 1:
+        log.info("FSDP is configured but only one process runs: nothing to shard")
+        return None, groups, trained
+    inside = {id(prm) for prm in models.denoiser.parameters()}
+    if not any(id(prm) in inside for prm in trained):
+        log.warning("FSDP is configured but the denoiser trains no tensor of its own; training data-parallel")
+        return None, groups, trained
+    sharding, new = Sharding.shard(models.denoiser, [prm for prm in trained if id(prm) in inside], settings,
+                                   acc.device, acc.num_processes)
+    groups = [{**g, "params": [new.get(id(prm), prm) for prm in g["params"]]} for g in groups]
+    return sharding, groups, [new.get(id(prm), prm) for prm in trained]
 
 
 def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encoder: Any, *, wrapped: bool,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -50,8 +50,15 @@ class FinetuneAdapter:
         if options is not None and not isinstance(options, FinetuneOptions):
             raise TypeError(f"options must be a FinetuneOptions (the structured [finetune] table), got {options!r}")
         self.options = options if options is not None else FinetuneOptions()
-        self.params: Dict[str, torch.nn.Parameter] = {}
+        # Where each trained tensor lives, (module, attribute): read through the module each time, so
+        # an engine that replaces parameters (FSDP's shards, its gathered whole weights) is followed.
+        self._where: Dict[str, Tuple[torch.nn.Module, str]] = {}
         self.base: Any = None  # model_export.BaseWeights, for whole-model exports
+
+    @property
+    def params(self) -> Dict[str, torch.nn.Parameter]:
+        """The trained tensors by name (``<part>.<parameter path>``), as their modules hold them now."""
+        return {full: getattr(module, attr) for full, (module, attr) in self._where.items()}
 
     def attach(self, models: ModelBundle) -> List[Dict[str, Any]]:
         self._prepare_model_exports(models)
@@ -65,10 +72,13 @@ class FinetuneAdapter:
             for gi, cfg in enumerate(configs):
                 selected = select_modules(model, list(cfg.layers), what=f"{target}[{gi}].layers")
                 names: Dict[str, torch.nn.Parameter] = {}
+                places: Dict[str, Tuple[torch.nn.Module, str]] = {}
                 for mod_name, module in selected.items():
                     for p_name, param in module.named_parameters():
                         full = f"{target}.{mod_name}.{p_name}" if mod_name else f"{target}.{p_name}"
                         names.setdefault(full, param)
+                        owner_path, _, attr = p_name.rpartition(".")
+                        places.setdefault(full, (module.get_submodule(owner_path), attr))
                 group_params = []
                 for full, param in names.items():
                     if id(param) in owner:
@@ -80,7 +90,7 @@ class FinetuneAdapter:
                         )
                     owner[id(param)] = f"{target}:{gi}"
                     param.requires_grad_(True)
-                    self.params[full] = param
+                    self._where[full] = places[full]
                     group_params.append(param)
                 groups.append({"params": group_params, "lr": cfg.lr, "name": f"{target}[{gi}]"})
         return groups

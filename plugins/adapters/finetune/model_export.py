@@ -58,7 +58,8 @@ class BaseWeights:
         A parameter whose module another adapter moved (prompt tuning keeps the token table as
         ``token_embedding.original``) is found by identity: parameters keep their object when
         models move between devices or precisions."""
-        now = module.state_dict(keep_vars=True)
+        # Not state_dict(): FSDP's hooks would swap its gathered whole weights back to shards.
+        now = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
         out: Dict[str, torch.Tensor] = {}
         seen = set()
         for key in self.keys[part]:

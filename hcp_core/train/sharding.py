@@ -1,0 +1,289 @@
+"""FSDP: the denoiser's trained weights, gradients and optimizer state split across processes.
+
+Turned on by accelerate's own configuration (``distributed_type: FSDP`` in the file ``accelerate
+launch --config_file`` reads, or ``--use_fsdp``), which reaches hcp as ``ACCELERATE_USE_FSDP`` and
+``FSDP_*`` variables. hcp applies it with torch's ``fully_shard`` (FSDP2) itself, so that module
+and parameter names, adapters and checkpoint files stay what they are without FSDP:
+
+* Only the denoiser (UNet / transformer) is sharded, and in it only the *trained* tensors: each
+  outermost block of a ``ModuleList`` (or each module of a class named in
+  ``fsdp_transformer_layer_cls_to_wrap``) is one FSDP unit, the denoiser the root. Frozen weights
+  stay whole on every process (FSDP's ``ignored_params``: they keep their half-precision storage,
+  and FSDP wants one dtype per unit). That is what a full fine-tune of SDXL or FLUX needs:
+  trained fp32 weights, their gradients and AdamW's two moments are ~16 bytes per parameter,
+  divided by the number of processes. Text encoders and other adapters' tensors train replicated,
+  their gradients averaged by :mod:`.grad_sync`.
+* Checkpoints hold whole tensors (gathered, written by the main process), so a run saved with
+  FSDP resumes without it, or on another number of processes, and the reverse.
+* Whatever reads or runs the whole model outside a training step (exports, ``[sample]`` previews,
+  validation) does so inside :meth:`Sharding.gathered`: every process gathers the full weights
+  and runs the denoiser locally, the main process writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("hcp")
+
+#: accelerate's switch for FSDP and the variables its launcher sets with it.
+USE_FSDP = "ACCELERATE_USE_FSDP"
+#: FSDP1 sharding strategies (by name or accelerate's number) -> FSDP2's reshard_after_forward.
+_STRATEGIES = {"full_shard": True, "1": True, "shard_grad_op": False, "2": False}
+#: Variables hcp reads elsewhere or has no use for (it always saves whole tensors, wraps blocks itself).
+_UNUSED = ("FSDP_STATE_DICT_TYPE", "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+           "FSDP_BACKWARD_PREFETCH", "FSDP_FORWARD_PREFETCH", "FSDP_MIN_NUM_PARAMS", "FSDP_AUTO_WRAP_POLICY")
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes")
+
+
+@attrs.frozen
+class FsdpSettings:
+    """What accelerate's FSDP configuration asks of hcp."""
+
+    #: Free a block's gathered weights after its forward (FULL_SHARD) or keep them to backward (SHARD_GRAD_OP).
+    reshard_after_forward: bool = True
+    #: Class names whose modules become FSDP units; empty: the denoiser's outermost blocks.
+    wrap_classes: Tuple[str, ...] = ()
+    version: str = "2"
+
+
+def fsdp_settings(environ: Mapping[str, str]) -> Optional[FsdpSettings]:
+    """The FSDP settings of a launch's environment, or None without FSDP; configurations hcp
+    cannot honour are a :class:`UserError` naming the setting and what to use instead."""
+    if not _truthy(environ.get(USE_FSDP)):
+        return None
+    reshard = str(environ.get("FSDP_RESHARD_AFTER_FORWARD", "")).strip().lower()
+    strategy = str(environ.get("FSDP_SHARDING_STRATEGY", "")).strip().lower()
+    choice = reshard or strategy or "true"
+    if choice in ("true", "false"):
+        after_forward = choice == "true"
+    elif choice in _STRATEGIES:
+        after_forward = _STRATEGIES[choice]
+    elif choice in ("no_shard", "3"):
+        raise UserError("accelerate's FSDP config asks for NO_SHARD, which is plain data parallel: use distributed_type: "
+                        "MULTI_GPU (hcp averages gradients in overlapped buckets)")
+    else:
+        raise UserError(f"accelerate's FSDP config: sharding '{choice}' is not supported by hcp (it shards within one "
+                        "group of processes); use fsdp_reshard_after_forward: true (FULL_SHARD) or false (SHARD_GRAD_OP)")
+    if _truthy(environ.get("FSDP_OFFLOAD_PARAMS")):
+        raise UserError("accelerate's FSDP config sets fsdp_offload_params: true, which hcp does not support; set it to "
+                        "false (frozen weights stay on the GPU; enable model.gradient_checkpointing to save memory)")
+    if _truthy(environ.get("FSDP_ACTIVATION_CHECKPOINTING")):
+        raise UserError("accelerate's FSDP config sets fsdp_activation_checkpointing: true; hcp checkpoints activations "
+                        "through model.gradient_checkpointing = true instead: set that and turn the FSDP option off")
+    classes = tuple(c.strip() for c in str(environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")).split(",") if c.strip())
+    return FsdpSettings(reshard_after_forward=after_forward, wrap_classes=classes,
+                        version=str(environ.get("FSDP_VERSION", "2")))
+
+
+@contextlib.contextmanager
+def hidden_from_accelerate(environ: Dict[str, str]) -> Iterator[None]:
+    """``ACCELERATE_USE_FSDP`` removed from ``environ`` for the duration: hcp shards the model
+    itself; accelerate must build a plain data-parallel accelerator."""
+    saved = environ.pop(USE_FSDP, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            environ[USE_FSDP] = saved
+
+
+def check_compatible(pipeline: Any, precision: str) -> None:
+    """Options that FSDP cannot run with, refused before the model loads."""
+    from ..config.schema import compile_options
+
+    if precision == "fp16":
+        raise UserError("FSDP with mixed_precision = \"fp16\" is not supported (its gradient scaler does not unscale "
+                        "sharded gradients); use \"bf16\" or \"auto\" on a GPU that supports bf16")
+    if compile_options(pipeline.model.compile) is not None:
+        raise UserError("model.compile with FSDP is not supported yet; set model.compile = false")
+    if getattr(pipeline.model, "fp8_base", False):
+        raise UserError("model.fp8_base with FSDP is not supported; set model.fp8_base = false")
+
+
+def fsdp_units(root: torch.nn.Module, trained: set, wrap_classes: Sequence[str] = ()) -> List[torch.nn.Module]:
+    """The modules of ``root`` that become FSDP units (those holding a trained parameter): each
+    module of a class in ``wrap_classes``, or else each entry of the outermost ``ModuleList``s."""
+    def holds_trained(module: torch.nn.Module) -> bool:
+        return any(id(p) in trained for p in module.parameters())
+
+    units: List[torch.nn.Module] = []
+    claimed: set = set()  # modules inside a unit already chosen
+    for _, module in root.named_modules():
+        if id(module) in claimed or module is root:
+            continue
+        if wrap_classes:
+            chosen = [module] if type(module).__name__ in wrap_classes else []
+        else:
+            chosen = list(module) if isinstance(module, torch.nn.ModuleList) else []
+        for unit in chosen:
+            if holds_trained(unit):
+                units.append(unit)
+            claimed.update(id(m) for m in unit.modules())
+        if chosen:
+            claimed.update(id(m) for m in module.modules())
+    return units
+
+
+class Sharding:
+    """The denoiser sharded with FSDP2 over every process, and what training needs around it."""
+
+    def __init__(self, root: torch.nn.Module, units: List[torch.nn.Module], settings: FsdpSettings,
+                 places: Sequence[Tuple[torch.nn.Module, str, Any]] = ()) -> None:
+        self.root = root
+        self.units = units  # FSDP modules, blocks first, the root last
+        self.settings = settings
+        self.places = list(places)  # (module, attribute, its sharded parameter) of every trained tensor
+
+    @classmethod
+    def shard(cls, root: torch.nn.Module, trained: Sequence[torch.nn.Parameter], settings: FsdpSettings,
+              device: torch.device, world_size: int) -> Tuple["Sharding", Dict[int, torch.nn.Parameter]]:
+        """Shard ``root``'s trained parameters; returns the sharding and ``{id(old parameter): new}``
+        for every parameter ``fully_shard`` replaced (the old ones are emptied: anything still holding
+        one must look the new one up)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        trained_ids = {id(p) for p in trained}
+        where: Dict[int, Tuple[torch.nn.Module, str, torch.nn.Parameter]] = {}
+        for module in root.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) in trained_ids:
+                    where[id(p)] = (module, name, p)
+        frozen = {p for p in root.parameters() if id(p) not in trained_ids}
+        mesh = init_device_mesh(device.type, (world_size,))
+        blocks = fsdp_units(root, trained_ids, settings.wrap_classes)
+        for unit in blocks:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=frozen)
+        # The root's own weights are needed again at once by backward: never freed after forward.
+        fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=frozen)
+        mapping: Dict[int, torch.nn.Parameter] = {}
+        for key, (module, name, old) in where.items():
+            new = getattr(module, name)
+            if new is not old:
+                mapping[key] = new
+                old.data = torch.empty(0, dtype=old.dtype, device=old.device)  # free the whole copy
+        log.info("FSDP (%s): %d trained tensors of the %s (%.1fM values) sharded over %d processes in %d units "
+                 "(reshard after forward: %s); frozen weights stay whole on every process",
+                 f"accelerate fsdp_version {settings.version}, applied as FSDP2", len(where),
+                 original_class(type(root)).__name__,
+                 sum(p.numel() for p in mapping.values()) / 1e6, world_size, len(blocks) + 1,
+                 settings.reshard_after_forward)
+        places = [(module, name, mapping[key]) for key, (module, name, _) in where.items() if key in mapping]
+        return cls(root, [*blocks, root], settings, places), mapping
+
+    @staticmethod
+    def is_sharded(tensor: Any) -> bool:
+        """Whether ``tensor`` is an FSDP shard (a DTensor)."""
+        from torch.distributed.tensor import DTensor
+
+        return isinstance(tensor, DTensor)
+
+    @contextlib.contextmanager
+    def gathered(self, write_back: bool = False) -> Iterator[None]:
+        """Every process holds the denoiser's whole weights, as plain tensors in the modules, and
+        runs it without communication (for exports, previews, validation). Call on every process.
+
+        ``write_back``: what was written into the gathered weights (a checkpoint being loaded) is
+        copied into each process's shard at the end; otherwise such writes are discarded.
+        """
+        with torch.no_grad():
+            for unit in self.units:
+                unit.set_reshard_after_forward(False, recurse=False)
+                unit.unshard()
+        fsdp_classes = [(unit, type(unit)) for unit in self.units]
+        try:
+            # Each module shows its own class meanwhile (fully_shard made it "FSDP<class>"): exports
+            # write class names into config.json and model_index.json. The hooks stay on the instances.
+            for unit, cls in fsdp_classes:
+                unit.__class__ = original_class(cls)
+            yield
+        except BaseException:
+            write_back = False
+            raise
+        finally:
+            for unit, cls in fsdp_classes:
+                unit.__class__ = cls
+            if write_back:
+                self._write_back()
+            for unit in self.units:
+                unit.reshard()
+                unit.set_reshard_after_forward(self.settings.reshard_after_forward and unit is not self.root,
+                                               recurse=False)
+
+    def _write_back(self) -> None:
+        """Each gathered whole tensor (what the module holds while gathered) copied into this process's shard."""
+        with torch.no_grad():
+            for module, name, shard in self.places:
+                local_slice(shard, getattr(module, name), into=True)
+
+    def full(self, value: Any) -> Any:
+        """``value`` (tensors, dicts, lists) with every shard replaced by the whole tensor, on the
+        CPU. A collective: every process calls it with the same structure."""
+        if self.is_sharded(value):
+            return value.full_tensor().cpu()
+        if isinstance(value, dict):
+            return {k: self.full(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.full(v) for v in value)
+        return value
+
+    def weight_total(self, local_sum: torch.Tensor) -> torch.Tensor:
+        """``local_sum`` summed over processes (a NaN in any shard reaches every process)."""
+        import torch.distributed as dist
+
+        total = local_sum.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def original_class(cls: type) -> type:
+    """The class ``fully_shard`` derived ``cls`` from (``FSDPUNet2DConditionModel`` ->
+    ``UNet2DConditionModel``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((base for base in cls.__bases__ if not issubclass(base, FSDPModule)), cls)
+
+
+def local_slice(like: Any, full: torch.Tensor, into: bool = False) -> Any:
+    """This process's part of ``full`` laid out as the DTensor ``like``: a DTensor built from
+    it, or, with ``into``, copied into ``like``'s local shard."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    part = full
+    for dim, (start, length) in enumerate(zip(offset, shape)):
+        part = part.narrow(dim, start, length)
+    local = like.to_local()
+    if into:
+        local.copy_(part.to(local.dtype))
+        return like
+    return DTensor.from_local(part.to(device=local.device, dtype=full.dtype).contiguous(), like.device_mesh,
+                              like.placements, run_check=False, shape=like.shape, stride=like.stride())
+
+
+def shard_state(value: Any, like: Any) -> Any:
+    """A loaded whole-tensor state (an optimizer moment, an EMA copy) made a shard like the
+    parameter ``like`` when ``like`` is sharded and shapes agree; else ``value`` unchanged."""
+    if Sharding.is_sharded(like) and isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(like.shape):
+        return local_slice(like, value)
+    return value
+
+
+def shard_optimizer_state(state: Dict[str, Any], optimizer: Any) -> Dict[str, Any]:
+    """An optimizer ``state_dict`` saved with whole tensors, each per-parameter tensor made a
+    shard where the optimizer's parameter is one (``torch.optim`` numbers parameters in group order)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    per_param = {idx: {k: shard_state(v, params[int(idx)]) for k, v in entry.items()}
+                 for idx, entry in state["state"].items()}
+    return {**state, "state": per_param}

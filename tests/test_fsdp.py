@@ -99,11 +99,22 @@ def test_unsupported_fsdp_settings_are_refused_before_the_model_loads(tmp_path, 
     assert not (tmp_path / "exp" / "config.toml").exists()
 
 
-def test_fsdp_with_model_compile_is_refused(tmp_path, demo_model_dir, demo_data_dir) -> None:
-    text = pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", adapters=ADAPTERS, max_steps=1)
-    text = text.replace('pretrained = "', 'compile = true\npretrained = "', 1)
-    result = hcp("run", str(write_pipeline(tmp_path, text)), env=FSDP_ENV)
-    assert result.returncode == 2 and "model.compile with FSDP is not supported yet" in result.stderr
+def test_options_fsdp_cannot_run_with_are_named(tmp_path, demo_model_dir, demo_data_dir) -> None:
+    import attrs
+
+    import hcp_core
+    from hcp_core.train.sharding import check_compatible
+
+    p = hcp_core.load_config(write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp",
+                                                                    adapters=ADAPTERS)))
+    check_compatible(p, "bf16")
+    check_compatible(p, "no")
+    with pytest.raises(UserError, match='FSDP with mixed_precision = "fp16" is not supported'):
+        check_compatible(p, "fp16")
+    for change, message in (({"compile": True}, "model.compile with FSDP is not supported yet"),
+                            ({"fp8_base": True}, "model.fp8_base with FSDP is not supported")):
+        with pytest.raises(UserError, match=message):
+            check_compatible(attrs.evolve(p, model=attrs.evolve(p.model, **change)), "bf16")
 
 
 def test_two_fsdp_processes_train_like_one_with_the_doubled_batch_and_resume_exactly(tmp_path, demo_model_dir,

@@ -103,7 +103,7 @@ def check_compatible(pipeline: Any, precision: str) -> None:
 
     if precision == "fp16":
         raise UserError("FSDP with mixed_precision = \"fp16\" is not supported (its gradient scaler does not unscale "
-                        "sharded gradients); use \"bf16\" or \"auto\" on a GPU that supports bf16")
+                        "sharded gradients); set mixed_precision = \"bf16\" (GPUs that support it) or \"no\"")
     if compile_options(pipeline.model.compile) is not None:
         raise UserError("model.compile with FSDP is not supported yet; set model.compile = false")
     if getattr(pipeline.model, "fp8_base", False):

@@ -182,3 +182,30 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, demo_model_dir, demo_d
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP is configured but only one process runs: nothing to shard" in (tmp_path / "exp" / "train.log").read_text()
 
+
+
+FLUX_FINETUNE = """
+[[transformer]]
+lr = 1e-3
+layers = ['transformer_blocks.0', 'single_transformer_blocks.0', 'proj_out']
+"""
+
+
+def test_a_sharded_flux_fine_tune_equals_one_process(tmp_path, flux_model_dir, demo_data_dir) -> None:
+    """FLUX's transformer (joint and single blocks, views between them) under FSDP on two processes."""
+    import hcp_core
+
+    fixed = 'bucket = { type = "fixed", target_size = [64, 64] }'
+    ratio = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
+    one, two = tmp_path / "one", tmp_path / "two"
+    texts = {exp: pipeline_toml(flux_model_dir, demo_data_dir, exp, adapters=FLUX_FINETUNE, max_steps=2, batch_size=size)
+             .replace(ratio, fixed) for exp, size in ((one, 2), (two, 1))}
+    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, texts[one], "one.toml")))
+    sharded = torchrun(write_pipeline(tmp_path, texts[two], "two.toml"), env=FSDP_ENV)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    log = (two / "train.log").read_text()
+    assert "48 trained tensors of the FluxTransformer2DModel" in log and "in 3 units" in log
+    assert "returned a view tensor" not in sharded.stderr
+    trained = load_file(str(two / "finetune.safetensors"))
+    assert any(k.startswith("transformer.single_transformer_blocks.0.") for k in trained)
+    assert_same_tensors(load_file(str(one / "finetune.safetensors")), trained, exact=False, atol=1e-4)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
@@ -161,6 +162,10 @@ class Sharding:
                     where[id(p)] = (module, name, p)
         frozen = {p for p in root.parameters() if id(p) not in trained_ids}
         mesh = init_device_mesh(device.type, (world_size,))
+        # diffusers' FLUX blocks return views; FSDP warns at every step that an in-place op on one
+        # would skip its backward hook. None follows in hcp's training step (a sharded FLUX
+        # fine-tune equals the unsharded one, 1e-5), so the warning would only bury the log.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         blocks = fsdp_units(root, trained_ids, settings.wrap_classes)
         for unit in blocks:
             fully_shard(unit, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=frozen)

@@ -286,11 +286,9 @@ def save(run: Run, step: int) -> None:
             "data": run.data.state_dict(),
             "ema": run.ema.state_dict() if run.ema else {},
         }
+        trainable = run.trainable_state()
         if run.sharding is not None:  # checkpoints hold whole tensors, with or without FSDP
-            state = run.sharding.full(state)
-        with run.gathered():  # copied out: FSDP frees the gathered storage on the way out
-            trainable = {k: v.detach().to("cpu", copy=run.sharding is not None)
-                         for k, v in (run.trainable_state() if run.is_main else {}).items()}
+            state, trainable = run.sharding.full((state, trainable), keep=run.is_main)
         if run.is_main:
             meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
             path = ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state,

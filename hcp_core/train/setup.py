@@ -74,7 +74,7 @@ class Run:
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         """Every adapter's trained tensors, keyed ``<adapter>/<name>`` (what checkpoints hold);
-        with FSDP, call it inside :meth:`gathered`."""
+        with FSDP the denoiser's are shards (:meth:`.sharding.Sharding.full` gathers them)."""
         out: Dict[str, torch.Tensor] = {}
         for name, adapter in self.adapters:
             out.update({f"{name}/{k}": v for k, v in adapter.trainable_state().items()})

@@ -231,15 +231,18 @@ class Sharding:
             for module, name, shard in self.places:
                 local_slice(shard, getattr(module, name), into=True)
 
-    def full(self, value: Any) -> Any:
+    def full(self, value: Any, keep: bool = True) -> Any:
         """``value`` (tensors, dicts, lists) with every shard replaced by the whole tensor, on the
-        CPU. A collective: every process calls it with the same structure."""
+        CPU. A collective: every process calls it with the same structure, one tensor gathered at a
+        time; ``keep`` False (processes that write nothing) drops each gathered tensor at once
+        (None in its place), so only the writing process ever holds the whole state."""
         if self.is_sharded(value):
-            return value.full_tensor().cpu()
+            whole = value.full_tensor()
+            return whole.cpu() if keep else None
         if isinstance(value, dict):
-            return {k: self.full(v) for k, v in value.items()}
+            return {k: self.full(v, keep) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(self.full(v) for v in value)
+            return type(value)(self.full(v, keep) for v in value)
         return value
 
     def weight_total(self, local_sum: torch.Tensor) -> torch.Tensor:

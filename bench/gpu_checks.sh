@@ -7,7 +7,8 @@
 # 2. a preflight: bench_gpu.py's tiny model on the GPU, hcp's variant, 3 steps (fails fast, within a
 #    minute, when something is missing, instead of after the big model is built);
 # 3. bench_gpu.py's full setting, variants ordered by what matters most, each stopped after
-#    300 s and all of them by the deadline, so partial results still come back.
+#    300 s and all of them by the deadline, so partial results still come back;
+# 4. bench_lora_hook.py: hcp's LoRA hook against a wrapper module, in the time left.
 # Results land in $OUT (default /tmp/hcp_gpu_out): bench_gpu.json and each variant's log.
 # Needs the checkout on PYTHONPATH (set here) and torch, diffusers, transformers, accelerate,
 # pluggy, attrs, cattrs, safetensors, tokenizers, Pillow importable.
@@ -37,8 +38,12 @@ if ! timeout 150 "$PY" bench/bench_gpu.py --tiny --device cuda --variants hcp --
     exit 1
 fi
 
-left=$((budget - SECONDS - 15))
+left=$((budget - SECONDS - 110))  # the last 95 s: the LoRA hook/wrapper comparison
 echo "== full setting (deadline ${left}s)"
 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json" --variant-timeout 300 --deadline "$left" \
     --variants hcp,example,minimal,hcp-cached,hcp-cached-compile,hcp-compile
+
+echo "== LoRA as a forward hook vs as a wrapper module (SD 1.5 UNet, batch 4, 512 px, bf16)"
+timeout $((budget - SECONDS - 10)) "$PY" bench/bench_lora_hook.py --device cuda --rounds 3 --steps 5 --warmup 3 \
+    --json "$OUT/bench_lora_hook.json" 2>&1 | tail -15
 echo "== done after ${SECONDS}s"

@@ -306,7 +306,7 @@ def export(run: Run, step: Optional[int]) -> List[str]:
     if not run.is_main and run.sharding is None:
         return []
     ema = run.ema.swapped_in() if run.ema is not None and step is None else contextlib.nullcontext()
-    with ema, evaluation_weights(run.optimizer), run.gathered():  # a schedule-free optimizer's averaged weights
+    with ema, evaluation_weights(run.optimizer), run.weights_readable():  # schedule-free: its averaged weights
         if not run.is_main:
             return []
         return [path for _, adapter in run.adapters for path in adapter.export(run.models, str(run.exp_dir), step)]

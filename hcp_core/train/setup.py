@@ -72,6 +72,14 @@ class Run:
         must enter it."""
         return self.sharding.gathered(write_back) if self.sharding is not None else contextlib.nullcontext()
 
+    def weights_readable(self) -> Any:
+        """A context in which the main process can read every trained tensor whole (exports):
+        with FSDP gathered into its CPU memory (:meth:`.sharding.Sharding.in_cpu_memory`; every
+        process must enter it), else nothing happens."""
+        if self.sharding is None:
+            return contextlib.nullcontext()
+        return self.sharding.in_cpu_memory(keep=self.is_main)
+
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         """Every adapter's trained tensors, keyed ``<adapter>/<name>`` (what checkpoints hold);
         with FSDP the denoiser's are shards (:meth:`.sharding.Sharding.full` gathers them)."""

@@ -15,9 +15,10 @@ and parameter names, adapters and checkpoint files stay what they are without FS
   their gradients averaged by :mod:`.grad_sync`.
 * Checkpoints hold whole tensors (gathered, written by the main process), so a run saved with
   FSDP resumes without it, or on another number of processes, and the reverse.
-* Whatever reads or runs the whole model outside a training step (exports, ``[sample]`` previews,
-  validation) does so inside :meth:`Sharding.gathered`: every process gathers the full weights
-  and runs the denoiser locally, the main process writes.
+* Exports read the weights inside :meth:`Sharding.in_cpu_memory`: each trained tensor gathered
+  whole into the main process's CPU memory, one at a time. ``[sample]`` previews and validation
+  run the denoiser inside :meth:`Sharding.gathered`: every process gathers the whole weights on
+  its device and runs the denoiser locally; the main process writes.
 """
 from __future__ import annotations
 
@@ -205,25 +206,53 @@ class Sharding:
             for unit in self.units:
                 unit.set_reshard_after_forward(False, recurse=False)
                 unit.unshard()
-        fsdp_classes = [(unit, type(unit)) for unit in self.units]
         try:
-            # Each module shows its own class meanwhile (fully_shard made it "FSDP<class>"): exports
-            # write class names into config.json and model_index.json. The hooks stay on the instances.
-            for unit, cls in fsdp_classes:
-                unit.__class__ = original_class(cls)
-            yield
+            with self._original_classes():
+                yield
         except BaseException:
             write_back = False
             raise
         finally:
-            for unit, cls in fsdp_classes:
-                unit.__class__ = cls
             if write_back:
                 self._write_back()
             for unit in self.units:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.settings.reshard_after_forward and unit is not self.root,
                                                recurse=False)
+
+    @contextlib.contextmanager
+    def in_cpu_memory(self, keep: bool) -> Iterator[None]:
+        """Each trained tensor gathered whole, one at a time, into CPU memory and put in its
+        module for the moment, on processes with ``keep`` (the others only take part in the
+        gathering): for reading the weights (exports) without a whole copy on the GPU. Nothing may
+        run the denoiser meanwhile. Call on every process."""
+        placed: List[Tuple[torch.nn.Module, str, Any]] = []
+        try:
+            with torch.no_grad():
+                for module, name, shard in self.places:
+                    whole = shard.full_tensor()
+                    if keep:
+                        module._parameters[name] = torch.nn.Parameter(whole.cpu(), requires_grad=shard.requires_grad)
+                        placed.append((module, name, shard))
+                    del whole
+            with self._original_classes():
+                yield
+        finally:
+            for module, name, shard in placed:
+                module._parameters[name] = shard
+
+    @contextlib.contextmanager
+    def _original_classes(self) -> Iterator[None]:
+        """Each FSDP module shows its own class meanwhile (fully_shard made it "FSDP<class>"):
+        exports write class names into config.json and model_index.json. Hooks stay on the instances."""
+        fsdp_classes = [(unit, type(unit)) for unit in self.units]
+        try:
+            for unit, cls in fsdp_classes:
+                unit.__class__ = original_class(cls)
+            yield
+        finally:
+            for unit, cls in fsdp_classes:
+                unit.__class__ = cls
 
     def _write_back(self) -> None:
         """Each gathered whole tensor (what the module holds while gathered) copied into this process's shard."""

@@ -69,6 +69,7 @@ def export_factors(branch: LoraBranch) -> Tuple[torch.Tensor, torch.Tensor, floa
     up = branch.up.weight.detach().float()
     if branch.svd_down0 is None:
         return down, up, branch.alpha
-    down = torch.cat([down, branch.svd_down0.float()], dim=0)
-    up = torch.cat([up, -branch.svd_up0.float()], dim=1)
+    # .to(): under FSDP an export reads the trained factors gathered into CPU memory
+    down = torch.cat([down, branch.svd_down0.float().to(down.device)], dim=0)
+    up = torch.cat([up, -branch.svd_up0.float().to(up.device)], dim=1)
     return down, up, branch.scale * down.shape[0]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hcp_core.errors import UserError
 from hcp_core.train.sharding import FsdpSettings, fsdp_settings, fsdp_units
-from train_support import assert_same_tensors, hcp, pipeline_toml, torchrun, write_pipeline
+from train_support import assert_same_tensors, free_port, hcp, pipeline_toml, torchrun, write_pipeline
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
@@ -214,3 +214,60 @@ def test_a_sharded_flux_fine_tune_equals_one_process(tmp_path, flux_model_dir, d
     trained = load_file(str(two / "finetune.safetensors"))
     assert any(k.startswith("transformer.single_transformer_blocks.0.") for k in trained)
     assert_same_tensors(load_file(str(one / "finetune.safetensors")), trained, exact=False, atol=1e-4)
+
+
+def test_sharding_in_one_process_replaces_only_trained_parameters(monkeypatch) -> None:
+    """The mechanics on a single-rank gloo group, in-process: which tensors become shards, that the
+    replaced ones are emptied (an adapter holding them is refused), gathering and writing back."""
+    from collections import OrderedDict
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from hcp_core.train.setup import refuse_stale_adapters
+    from hcp_core.train.sharding import Sharding, shard_state
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(OrderedDict(blocks=nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), head=nn.Linear(4, 2)))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trained = [model.blocks[0].weight, model.head.bias]
+        for p in trained:
+            p.requires_grad_(True)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        frozen = model.blocks[1].weight
+
+        class Holder:  # keeps Parameter objects from attach: what FSDP breaks
+            def trainable_state(self):
+                return {"w": trained[0].detach()}
+
+        sharding, new = Sharding.shard(model, trained, FsdpSettings(), torch.device("cpu"), 1)
+        assert set(new) == {id(p) for p in trained}
+        assert sharding.units == [model.blocks[0], model]  # blocks[1] trains nothing: not a unit
+        assert Sharding.is_sharded(model.blocks[0].weight) and Sharding.is_sharded(model.head.bias)
+        assert model.blocks[1].weight is frozen and not Sharding.is_sharded(model.head.weight)
+        assert trained[0].numel() == 0  # the whole copy is freed
+        with pytest.raises(UserError, match="adapter 'holder' cannot train under FSDP.*'w' is now empty"):
+            refuse_stale_adapters([("holder", Holder())])
+
+        with sharding.gathered(write_back=True):
+            assert type(model.blocks[0]) is nn.Linear  # its own class while gathered
+            assert torch.equal(model.blocks[0].weight, before["blocks.0.weight"])
+            with torch.no_grad():
+                model.blocks[0].weight.mul_(2)  # what loading a checkpoint does
+        assert type(model.blocks[0]).__name__ == "FSDPLinear"
+        assert torch.equal(model.blocks[0].weight.full_tensor(), 2 * before["blocks.0.weight"])
+        with sharding.in_cpu_memory(keep=True):
+            assert not Sharding.is_sharded(model.head.bias) and torch.equal(model.head.bias, before["head.bias"])
+        assert Sharding.is_sharded(model.head.bias)
+        # A loaded whole optimizer moment becomes a shard like its parameter, and gathers back.
+        moment = shard_state(torch.arange(2.0), model.head.bias)
+        assert Sharding.is_sharded(moment) and moment.placements == model.head.bias.placements
+        assert sharding.full({"m": moment})["m"].tolist() == [0.0, 1.0]
+        assert not Sharding.is_sharded(shard_state(torch.ones(3), model.head.bias))  # another shape: left alone
+    finally:
+        dist.destroy_process_group()

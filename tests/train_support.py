@@ -199,7 +199,8 @@ def assert_flow_load_errors(fam: object, model_dir: Path, tmp_path: Path, *, par
         fam.load(str(model_dir), prediction_type=prediction_type)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     import socket
 
     with socket.socket() as s:
@@ -212,7 +213,7 @@ def torchrun(cfg: Path, processes: int = 2, *args: str, env: Dict[str, str] | No
     full = {**hcp_env(), "MASTER_ADDR": "127.0.0.1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "hcp_core", "run", str(cfg), *args],
+         "--master_port", str(free_port()), "-m", "hcp_core", "run", str(cfg), *args],
         env=full, capture_output=True, text=True, timeout=300,
     )
 

@@ -276,7 +276,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
                  vae_bf16_safe=bool(vae_check is not None and vae_check(models)))
     data.cache_latents(models.vae, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
                        wait=acc.wait_for_everyone)
-    sharding, groups, trained = shard_denoiser(models, groups, trained, acc)
+    sharding, groups, trained = shard_denoiser(models, adapters, groups, trained, acc)
     # Models are not wrapped in DDP: gradients of the trained tensors are averaged across processes
     # in buckets reduced during backward (grad_sync.py), which keeps module names and frees
     # adapters to train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
@@ -316,7 +316,20 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
                         compiled=compiled, sharding=sharding)
 
 
-def shard_denoiser(models: ModelBundle, groups: List[Dict[str, Any]], trained: List[torch.nn.Parameter],
+def refuse_stale_adapters(adapters: List[Tuple[str, Any]]) -> None:
+    """A :class:`UserError` naming an adapter whose trained tensors are empty after sharding: it
+    kept the parameter objects FSDP replaced, and would save and export empty tensors."""
+    for name, adapter in adapters:
+        stale = [key for key, value in adapter.trainable_state().items()
+                 if not Sharding.is_sharded(value) and value.numel() == 0]
+        if stale:
+            raise UserError(f"adapter '{name}' cannot train under FSDP: it keeps parameter objects that FSDP replaced "
+                            f"(its '{stale[0]}' is now empty); it must read its tensors through their modules "
+                            "(CONTRIBUTING.md, Adapters). Train without FSDP (distributed_type: MULTI_GPU)")
+
+
+def shard_denoiser(models: ModelBundle, adapters: List[Tuple[str, Any]], groups: List[Dict[str, Any]],
+                   trained: List[torch.nn.Parameter],
                    acc: Any) -> Tuple[Optional[Sharding], List[Dict[str, Any]], List[torch.nn.Parameter]]:
     """With accelerate's FSDP config and several processes: the denoiser's trained tensors sharded
     (:mod:`.sharding`), and the optimizer's groups and the trained list pointing at the shards."""
@@ -332,6 +345,7 @@ def shard_denoiser(models: ModelBundle, groups: List[Dict[str, Any]], trained: L
         return None, groups, trained
     sharding, new = Sharding.shard(models.denoiser, [prm for prm in trained if id(prm) in inside], settings,
                                    acc.device, acc.num_processes)
+    refuse_stale_adapters(adapters)
     groups = [{**g, "params": [new.get(id(prm), prm) for prm in g["params"]]} for g in groups]
     return sharding, groups, [new.get(id(prm), prm) for prm in trained]
 

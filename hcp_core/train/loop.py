@@ -152,7 +152,9 @@ def settle_step(run: Run, step: int, pending: PendingStep) -> float:
     it is saved. Records :class:`~.progress.StepStats` and returns the step's loss.
     """
     device = pending.values.device
-    local = [p.detach().to_local() if Sharding.is_sharded(p) else p.detach() for p in run.trained_params]
+    local = [p.detach() for p in run.trained_params]
+    if run.sharding is not None:  # each process checks its own part of a shard
+        local = [p.to_local() if Sharding.is_sharded(p) else p for p in local]
     norms = torch._foreach_norm(local) if local else []
     weight_sum = torch.stack([n.float().to(device) for n in norms]).sum() if norms else torch.zeros((), device=device)
     if run.sharding is not None:  # a NaN in one process's shard stops every process

@@ -65,9 +65,10 @@ def test_settings_follow_accelerates_fsdp_variables() -> None:
     # FSDP1 configs name a sharding strategy (accelerate writes a name or its number).
     assert not fsdp_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}).reshard_after_forward
     assert fsdp_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "1"}).reshard_after_forward
-    got = fsdp_settings({**FSDP_ENV, "FSDP_RESHARD_AFTER_FORWARD": "false",
+    got = fsdp_settings({**FSDP_ENV, "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
                          "FSDP_TRANSFORMER_CLS_TO_WRAP": "BasicTransformerBlock, ResnetBlock2D"})
-    assert got == FsdpSettings(reshard_after_forward=False, wrap_classes=("BasicTransformerBlock", "ResnetBlock2D"))
+    assert got == FsdpSettings(reshard_after_forward=False, wrap_classes=("BasicTransformerBlock", "ResnetBlock2D"),
+                               unused=("state_dict_type",))
     refused = {
         "FSDP_OFFLOAD_PARAMS": ("true", "fsdp_offload_params: true, which hcp does not support"),
         "FSDP_ACTIVATION_CHECKPOINTING": ("true", "model.gradient_checkpointing = true instead"),
@@ -269,5 +270,22 @@ def test_sharding_in_one_process_replaces_only_trained_parameters(monkeypatch) -
         assert Sharding.is_sharded(moment) and moment.placements == model.head.bias.placements
         assert sharding.full({"m": moment})["m"].tolist() == [0.0, 1.0]
         assert not Sharding.is_sharded(shard_state(torch.ones(3), model.head.bias))  # another shape: left alone
+
+        # Class names that match nothing leave one unit (the root): said, not silently accepted.
+        import logging
+
+        records: list = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logging.getLogger("hcp").addHandler(handler)
+        try:
+            other = nn.Sequential(OrderedDict(blocks=nn.ModuleList([nn.Linear(4, 4)])))
+            sharded, _ = Sharding.shard(other, list(other.parameters()), FsdpSettings(wrap_classes=("NoSuchBlock",)),
+                                        torch.device("cpu"), 1)
+        finally:
+            logging.getLogger("hcp").removeHandler(handler)
+        assert sharded.units == [other]
+        assert any("no module of class NoSuchBlock in the Sequential holds a trained tensor" in r.getMessage()
+                   for r in records)
     finally:
         dist.destroy_process_group()

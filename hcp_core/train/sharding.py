@@ -38,7 +38,7 @@ log = logging.getLogger("hcp")
 USE_FSDP = "ACCELERATE_USE_FSDP"
 #: FSDP1 sharding strategies (by name or accelerate's number) -> FSDP2's reshard_after_forward.
 _STRATEGIES = {"full_shard": True, "1": True, "shard_grad_op": False, "2": False}
-#: Variables hcp reads elsewhere or has no use for (it always saves whole tensors, wraps blocks itself).
+#: Variables hcp has no use for (it always saves whole tensors, wraps blocks itself).
 _UNUSED = ("FSDP_STATE_DICT_TYPE", "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING",
            "FSDP_BACKWARD_PREFETCH", "FSDP_FORWARD_PREFETCH", "FSDP_MIN_NUM_PARAMS", "FSDP_AUTO_WRAP_POLICY")
 
@@ -56,6 +56,8 @@ class FsdpSettings:
     #: Class names whose modules become FSDP units; empty: the denoiser's outermost blocks.
     wrap_classes: Tuple[str, ...] = ()
     version: str = "2"
+    #: Settings in the launch that hcp has no use for (logged).
+    unused: Tuple[str, ...] = ()
 
 
 def fsdp_settings(environ: Mapping[str, str]) -> Optional[FsdpSettings]:
@@ -83,8 +85,9 @@ def fsdp_settings(environ: Mapping[str, str]) -> Optional[FsdpSettings]:
         raise UserError("accelerate's FSDP config sets fsdp_activation_checkpointing: true; hcp checkpoints activations "
                         "through model.gradient_checkpointing = true instead: set that and turn the FSDP option off")
     classes = tuple(c.strip() for c in str(environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")).split(",") if c.strip())
+    unused = tuple(key[len("FSDP_"):].lower() for key in _UNUSED if key in environ)
     return FsdpSettings(reshard_after_forward=after_forward, wrap_classes=classes,
-                        version=str(environ.get("FSDP_VERSION", "2")))
+                        version=str(environ.get("FSDP_VERSION", "2")), unused=unused)
 
 
 @contextlib.contextmanager
@@ -168,6 +171,11 @@ class Sharding:
         # fine-tune equals the unsharded one, 1e-5), so the warning would only bury the log.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         blocks = fsdp_units(root, trained_ids, settings.wrap_classes)
+        if settings.wrap_classes and not blocks:
+            log.warning("FSDP: no module of class %s in the %s holds a trained tensor "
+                        "(fsdp_transformer_layer_cls_to_wrap); everything is one unit, gathered whole at each "
+                        "forward: check the class names (hcp layers MODEL lists them)",
+                        ", ".join(settings.wrap_classes), original_class(type(root)).__name__)
         for unit in blocks:
             fully_shard(unit, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=frozen)
         # The root's own weights are needed again at once by backward: never freed after forward.
@@ -184,6 +192,9 @@ class Sharding:
                  original_class(type(root)).__name__,
                  sum(p.numel() for p in mapping.values()) / 1e6, world_size, len(blocks) + 1,
                  settings.reshard_after_forward)
+        if settings.unused:
+            log.info("FSDP: not used by hcp (it wraps blocks itself and saves whole tensors): fsdp_%s",
+                     ", fsdp_".join(settings.unused))
         places = [(module, name, mapping[key]) for key, (module, name, _) in where.items() if key in mapping]
         return cls(root, [*blocks, root], settings, places), mapping
 
@@ -288,6 +299,8 @@ def original_class(cls: type) -> type:
     ``UNet2DConditionModel``)."""
     from torch.distributed.fsdp import FSDPModule
 
+    if not issubclass(cls, FSDPModule):
+        return cls
     return next((base for base in cls.__bases__ if not issubclass(base, FSDPModule)), cls)
 
 

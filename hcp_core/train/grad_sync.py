@@ -220,7 +220,7 @@ def refuse_sharded_engines(environ: Mapping[str, str], distributed_type: Optiona
             "process holds the whole model; gradients are averaged in overlapped buckets) or, for full fine-tunes "
             "too big for that, with FSDP. Use an accelerate config with distributed_type: MULTI_GPU (or `torchrun "
             "--nproc_per_node N -m hcp_core run ...`), or distributed_type: FSDP to shard the denoiser's trained "
-            "weights, gradients and optimizer state (docs/training.md, "Several processes")")
+            "weights, gradients and optimizer state (docs/training.md, 'Several processes')")
 
 
 def grad_sync_for(accelerator: Any, params: Sequence[torch.nn.Parameter]) -> Optional[GradSync]:

@@ -111,6 +111,12 @@ def test_options_fsdp_cannot_run_with_are_named(tmp_path, demo_model_dir, demo_d
                                                                     adapters=ADAPTERS)))
     check_compatible(p, "bf16")
     check_compatible(p, "no")
+    sgd = hcp_core.load_config(write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp",
+                                                                      adapters=ADAPTERS).replace('"adamw"', '"sgd"')))
+    check_compatible(sgd, "no")
+    prodigy = pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", adapters=ADAPTERS).replace('"adamw"', '"prodigy"')
+    with pytest.raises(UserError, match='train.optimizer = "prodigy" does not work on FSDP.*use adamw or sgd'):
+        check_compatible(hcp_core.load_config(write_pipeline(tmp_path, prodigy)), "no")
     with pytest.raises(UserError, match='FSDP with mixed_precision = "fp16" is not supported'):
         check_compatible(p, "fp16")
     for change, message in (({"compile": True}, "model.compile with FSDP is not supported yet"),
@@ -262,6 +268,11 @@ def test_sharding_in_one_process_replaces_only_trained_parameters(monkeypatch) -
                 model.blocks[0].weight.mul_(2)  # what loading a checkpoint does
         assert type(model.blocks[0]).__name__ == "FSDPLinear"
         assert torch.equal(model.blocks[0].weight.full_tensor(), 2 * before["blocks.0.weight"])
+        # A forward cut short inside (as a preview's caught out-of-memory): every unit is a shard again after.
+        with sharding.gathered():
+            with pytest.raises(NotImplementedError):
+                model(torch.ones(1, 4))  # the root's forward starts, then its ModuleList cannot run
+        assert Sharding.is_sharded(model.head.bias) and Sharding.is_sharded(model.blocks[0].weight)
         with sharding.in_cpu_memory(keep=True):
             assert not Sharding.is_sharded(model.head.bias) and torch.equal(model.head.bias, before["head.bias"])
         assert Sharding.is_sharded(model.head.bias)

@@ -168,7 +168,10 @@ def load_checkpoint(path: Path) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]
     """
     readers = ((META, lambda f: json.loads(f.read_text())),
                (TRAINABLE, lambda f: load_file(str(f))),
-               (TRAINING_STATE, lambda f: torch.load(f, map_location="cpu", weights_only=True)))
+               # mmap: processes resuming on one machine share the file's pages instead of each
+               # holding its own copy of the optimizer state. Not on Windows, which cannot delete a
+               # mapped file (the checkpoint may be pruned while a CPU run's moments still map it).
+               (TRAINING_STATE, lambda f: torch.load(f, map_location="cpu", weights_only=True, mmap=os.name != "nt")))
     out: Dict[str, Any] = {}
     for name, read in readers:
         try:

@@ -38,6 +38,9 @@ log = logging.getLogger("hcp")
 USE_FSDP = "ACCELERATE_USE_FSDP"
 #: FSDP1 sharding strategies (by name or accelerate's number) -> FSDP2's reshard_after_forward.
 _STRATEGIES = {"full_shard": True, "1": True, "shard_grad_op": False, "2": False}
+#: Optimizers whose step works on FSDP's shards (element-wise updates), tested with it. Factored or
+#: norm-based ones (Adafactor, Prodigy) need whole tensors; 8-bit ones hand raw pointers to kernels.
+SHARD_SAFE_OPTIMIZERS = ("adamw", "sgd")
 #: Variables hcp has no use for (it always saves whole tensors, wraps blocks itself).
 _UNUSED = ("FSDP_STATE_DICT_TYPE", "FSDP_USE_ORIG_PARAMS", "FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING",
            "FSDP_BACKWARD_PREFETCH", "FSDP_FORWARD_PREFETCH", "FSDP_MIN_NUM_PARAMS", "FSDP_AUTO_WRAP_POLICY")
@@ -113,6 +116,15 @@ def check_compatible(pipeline: Any, precision: str) -> None:
         raise UserError("model.compile with FSDP is not supported yet; set model.compile = false")
     if getattr(pipeline.model, "fp8_base", False):
         raise UserError("model.fp8_base with FSDP is not supported; set model.fp8_base = false")
+    optimizer = pipeline.train.optimizer.name if pipeline.train.optimizer is not None else "adamw"
+    if optimizer not in SHARD_SAFE_OPTIMIZERS:
+        raise UserError(f"train.optimizer = \"{optimizer}\" does not work on FSDP's sharded tensors (its step needs "
+                        f"whole tensors or raw memory); with FSDP use {' or '.join(SHARD_SAFE_OPTIMIZERS)}, or train "
+                        "without FSDP")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        raise UserError(f"FSDP needs torch's fully_shard (torch 2.6 or newer); this is torch {torch.__version__}")
 
 
 def fsdp_units(root: torch.nn.Module, trained: set, wrap_classes: Sequence[str] = ()) -> List[torch.nn.Module]:
@@ -212,12 +224,14 @@ class Sharding:
 
         ``write_back``: what was written into the gathered weights (a checkpoint being loaded) is
         copied into each process's shard at the end; otherwise such writes are discarded.
+        Do not call ``state_dict()`` / ``load_state_dict()`` on these modules inside: FSDP's hooks
+        swap the shards back in (read and write parameters by attribute).
         """
-        with torch.no_grad():
-            for unit in self.units:
-                unit.set_reshard_after_forward(False, recurse=False)
-                unit.unshard()
         try:
+            with torch.no_grad():
+                for unit in self.units:
+                    unit.set_reshard_after_forward(False, recurse=False)
+                    unit.unshard()
             with self._original_classes():
                 yield
         except BaseException:
@@ -226,6 +240,13 @@ class Sharding:
         finally:
             if write_back:
                 self._write_back()
+            # A forward cut short inside (a preview's out-of-memory, caught by the renderer) leaves FSDP
+            # mid-forward on this process only, and reshard() would then keep that unit gathered: its next
+            # all-gather would be skipped here alone. Reset first (where torch has it).
+            # Only after a first forward initialised FSDP's state: before, nothing can be mid-forward.
+            reset = getattr(self.root, "reset_iter_state", None)
+            if reset is not None and getattr(self.root._get_fsdp_state(), "_is_root", None):
+                reset()
             for unit in self.units:
                 unit.reshard()
                 unit.set_reshard_after_forward(self.settings.reshard_after_forward and unit is not self.root,

@@ -51,7 +51,7 @@ def scheduler_spec(name: str = "constant", registry: Optional[Registry] = None, 
     return _spec("scheduler", SchedulerSpec, name, options, registry)
 
 
-def schedule_free(optimizer: Any) -> Any:
+def _schedule_free(optimizer: Any) -> Any:
     """The schedule-free optimizer inside ``optimizer`` (accelerate wraps it), or None."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner if callable(getattr(inner, "eval", None)) and callable(getattr(inner, "train", None)) else None
@@ -65,7 +65,7 @@ def evaluation_weights(optimizer: Any) -> Iterator[None]:
     The training weights are copied back bit for bit afterwards (``train()`` alone would recompute
     them with rounding), so a run that exported at step N goes on exactly as one resumed from N.
     """
-    inner = schedule_free(optimizer)
+    inner = _schedule_free(optimizer)
     if inner is None:
         yield
         return

@@ -281,13 +281,7 @@ def _build_parts(pipeline: Pipeline, acc: Any, exp_dir: Path, lock: Optional[Run
     # in buckets reduced during backward (grad_sync.py), which keeps module names and frees
     # adapters to train any tensor (embeddings, LoRA, layers) without DDP's unused-parameter rules.
     grad_sync = grad_sync_for(acc, [prm for prm in trained if not Sharding.is_sharded(prm)])  # FSDP reduces its own
-    optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))
-    if sharding is not None:
-        from .optim import schedule_free
-
-        if schedule_free(optimizer) is not None:
-            raise UserError("a schedule-free optimizer with FSDP is not supported (its averaged weights are swapped in "
-                            "outside the sharded state); use another optimizer or train without FSDP")
+    optimizer = acc.prepare(build_optimizer(groups, cfg.optimizer))  # FSDP: adamw/sgd only (check_compatible)
     compiled = setup_compile(models, compile_options(p.model.compile), optimizer)
     lr_scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
     prompt_encoder = family.prompt_encoder(models, clip_skip=p.model.clip_skip)

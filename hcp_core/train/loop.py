@@ -158,7 +158,7 @@ def settle_step(run: Run, step: int, pending: PendingStep) -> float:
     norms = torch._foreach_norm(local) if local else []
     weight_sum = torch.stack([n.float().to(device) for n in norms]).sum() if norms else torch.zeros((), device=device)
     if run.sharding is not None:  # a NaN in one process's shard stops every process
-        weight_sum = run.sharding.weight_total(weight_sum)
+        weight_sum = run.accelerator.reduce(weight_sum, "sum")
     value, *parts, weight_total = torch.cat([pending.values.float().flatten(), weight_sum.reshape(1)]).tolist()
     if not math.isfinite(value):
         raise TrainingDiverged(f"the loss became {value} at step {step + 1}; stopping ({_last_good(run)}). "

@@ -220,7 +220,8 @@ class Sharding:
     @contextlib.contextmanager
     def gathered(self, write_back: bool = False) -> Iterator[None]:
         """Every process holds the denoiser's whole weights, as plain tensors in the modules, and
-        runs it without communication (for exports, previews, validation). Call on every process.
+        runs it without communication (previews, validation, loading a checkpoint; exports read
+        through :meth:`in_cpu_memory`). Call on every process.
 
         ``write_back``: what was written into the gathered weights (a checkpoint being loaded) is
         copied into each process's shard at the end; otherwise such writes are discarded.
@@ -262,11 +263,10 @@ class Sharding:
         try:
             with torch.no_grad():
                 for module, name, shard in self.places:
-                    whole = shard.full_tensor()
+                    whole = self.full(shard, keep)
                     if keep:
-                        module._parameters[name] = torch.nn.Parameter(whole.cpu(), requires_grad=shard.requires_grad)
+                        module._parameters[name] = torch.nn.Parameter(whole, requires_grad=shard.requires_grad)
                         placed.append((module, name, shard))
-                    del whole
             with self._original_classes():
                 yield
         finally:
@@ -305,14 +305,6 @@ class Sharding:
         if isinstance(value, (list, tuple)):
             return type(value)(self.full(v, keep) for v in value)
         return value
-
-    def weight_total(self, local_sum: torch.Tensor) -> torch.Tensor:
-        """``local_sum`` summed over processes (a NaN in any shard reaches every process)."""
-        import torch.distributed as dist
-
-        total = local_sum.clone()
-        dist.all_reduce(total)
-        return total
 
 
 def original_class(cls: type) -> type:

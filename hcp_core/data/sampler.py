@@ -90,8 +90,11 @@ class BucketBatchSampler:
         self.epoch, self.batch = epoch, batch
 
     def __iter__(self) -> Iterator[List[SampleKey]]:
-        epoch = self.epoch
-        for indices in self.rank_batches(epoch)[self.batch :]:
+        return self.keys(self.epoch, self.batch)
+
+    def keys(self, epoch: int, start: int = 0) -> Iterator[List[SampleKey]]:
+        """This rank's batches of ``epoch`` from batch ``start`` on, as sample keys."""
+        for indices in self.rank_batches(epoch)[start:]:
             yield [(i, epoch) for i in indices]
 
     def endless(self) -> "EndlessBatches":
@@ -124,6 +127,5 @@ class EndlessBatches:
     def __iter__(self) -> Iterator[List[SampleKey]]:
         epoch, start = self.sampler.epoch, self.sampler.batch
         while True:
-            for indices in self.sampler.rank_batches(epoch)[start:]:
-                yield [(i, epoch) for i in indices]
+            yield from self.sampler.keys(epoch, start)
             epoch, start = epoch + 1, 0

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from hcp_core.errors import UserError
 from hcp_core.train.sharding import FsdpSettings, fsdp_settings, fsdp_units
-from train_support import assert_same_tensors, free_port, hcp, pipeline_toml, torchrun, write_pipeline
+from train_support import (FIXED_64, assert_same_tensors, free_port, hcp, one_process_then_two, pipeline_toml,
+                           torchrun, write_pipeline)
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
 
@@ -205,15 +206,8 @@ layers = ['transformer_blocks.0', 'single_transformer_blocks.0', 'proj_out']
 
 def test_a_sharded_flux_fine_tune_equals_one_process(tmp_path, flux_model_dir, demo_data_dir) -> None:
     """FLUX's transformer (joint and single blocks, views between them) under FSDP on two processes."""
-    import hcp_core
-
-    fixed = 'bucket = { type = "fixed", target_size = [64, 64] }'
-    ratio = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
-    one, two = tmp_path / "one", tmp_path / "two"
-    texts = {exp: pipeline_toml(flux_model_dir, demo_data_dir, exp, adapters=FLUX_FINETUNE, max_steps=2, batch_size=size)
-             .replace(ratio, fixed) for exp, size in ((one, 2), (two, 1))}
-    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, texts[one], "one.toml")))
-    sharded = torchrun(write_pipeline(tmp_path, texts[two], "two.toml"), env=FSDP_ENV)
+    one, two, sharded = one_process_then_two(tmp_path, flux_model_dir, demo_data_dir, FLUX_FINETUNE, env=FSDP_ENV,
+                                             max_steps=2, bucket=FIXED_64)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     log = (two / "train.log").read_text()
     assert "48 trained tensors of the FluxTransformer2DModel" in log and "in 3 units" in log

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from safetensors.torch import load_file
 
-from train_support import assert_same_tensors, hcp, pipeline_toml, torchrun, write_pipeline
+from train_support import (FIXED_64, assert_same_tensors, hcp, one_process_then_two, pipeline_toml, torchrun,
+                           write_pipeline)
 
 
 def test_two_processes_agree_and_match_one_process_with_the_same_global_batch(tmp_path, demo_model_dir, demo_data_dir) -> None:
@@ -33,15 +34,8 @@ alpha = 2.0
 def test_a_flux_lora_trains_on_two_processes_like_on_one(tmp_path, flux_model_dir, demo_data_dir) -> None:
     """The flow-matching family under torchrun: packed latents, per-sample sigmas and text ids are
     drawn per sample, so two ranks with half the batch each equal one process with the whole batch."""
-    import hcp_core
-
-    fixed = 'bucket = { type = "fixed", target_size = [64, 64] }'
-    ratio = 'bucket = { type = "ratio", from = "images", target_area = 4096, step = 8, num_buckets = 2 }'
-    one, two = tmp_path / "one", tmp_path / "two"
-    texts = {exp: pipeline_toml(flux_model_dir, demo_data_dir, exp, adapters=FLUX_LORA, max_steps=2, batch_size=size)
-             .replace(ratio, fixed) for exp, size in ((one, 2), (two, 1))}
-    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, texts[one], "one.toml")))
-    double = torchrun(write_pipeline(tmp_path, texts[two], "two.toml"))
+    one, two, double = one_process_then_two(tmp_path, flux_model_dir, demo_data_dir, FLUX_LORA, max_steps=2,
+                                            bucket=FIXED_64)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "all 2 processes hold identical trained weights" in double.stderr
     assert_same_tensors(load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors")), exact=False, atol=1e-4)

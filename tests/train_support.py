@@ -10,6 +10,8 @@ from typing import Dict
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+#: ``pipeline_toml(bucket=...)`` for one 64x64 bucket (families whose size multiple the ratio buckets miss).
+FIXED_64 = '{ type = "fixed", target_size = [64, 64] }'
 
 
 def pipeline_toml(model: Path, data: Path, exp_dir: Path, *, extra: str = "", adapters: str | None = None,
@@ -197,6 +199,20 @@ def assert_flow_load_errors(fam: object, model_dir: Path, tmp_path: Path, *, par
         fam.load(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError, match=prediction_message):
         fam.load(str(model_dir), prediction_type=prediction_type)
+
+
+def one_process_then_two(tmp_path: Path, model: Path, data: Path, adapters: str, *,
+                          env: Dict[str, str] | None = None, **options) -> tuple:
+    """The same pipeline with the same global batch twice: in this process with batch 2
+    (``tmp_path/one``), then under torchrun on two processes with batch 1 each (``tmp_path/two``,
+    ``env`` added). ``options`` go to :func:`pipeline_toml`. Returns (one, two, the torchrun result)."""
+    import hcp_core
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    texts = {exp: pipeline_toml(model, data, exp, adapters=adapters, batch_size=size, **options)
+             for exp, size in ((one, 2), (two, 1))}
+    hcp_core.run(hcp_core.load_config(write_pipeline(tmp_path, texts[one], "one.toml")))
+    return one, two, torchrun(write_pipeline(tmp_path, texts[two], "two.toml"), env=env)
 
 
 def free_port() -> int:

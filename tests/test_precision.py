@@ -38,3 +38,37 @@ def test_hcp_check_refuses_fp16_on_a_cpu(tmp_path, demo_model_dir, demo_data_dir
     cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=1))
     assert cli.main(["check", str(cfg), 'model.mixed_precision="fp16"']) == 2
     assert 'model: ERROR: model.mixed_precision = "fp16" needs a CUDA GPU' in capsys.readouterr().out
+
+
+def test_bf16_on_a_cpu_keeps_frozen_weights_in_bf16_and_computes_the_same(demo_model_dir) -> None:
+    """Asked for on a CPU, bf16 stores the frozen weights in bf16 as on a GPU (autocast would cast
+    each of them in every forward anyway): trained weights stay fp32, the VAE stays fp32 ("auto" on a
+    CPU), and the UNet's autocast output equals the fp32-stored UNet's under the same autocast."""
+    import copy
+
+    import torch
+
+    from hcp_core.config.schema import ModelConfig
+    from hcp_core.train.setup import place_models
+    from hcp_plugins.models.stable_diffusion import StableDiffusionFamily
+
+    models = StableDiffusionFamily().load(str(demo_model_dir))
+    for module in models.modules().values():
+        module.requires_grad_(False)
+    unet = models.unet
+    unet.conv_out.weight.requires_grad_(True)  # as a fine-tuned layer
+    stored_fp32 = copy.deepcopy(unet)
+    place_models(models, torch.device("cpu"), ModelConfig(pretrained="unused"), "bf16")
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in models.text_encoder.parameters()} == {torch.bfloat16}
+    assert unet.conv_out.weight.dtype == torch.float32
+    assert {p.dtype for p in models.vae.parameters()} == {torch.float32}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 6, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, encoder_hidden_states=text).sample
+        expected = stored_fp32.train(unet.training)(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0)

@@ -24,10 +24,12 @@ MARKER = "hcp_bench_sd15.json"
 DEFAULT_MODEL_DIR = Path("/tmp/hcp_bench_sd15")
 
 
-def build_model(out: Path, text_layers: int = TEXT_LAYERS) -> Path:
+def build_model(out: Path, text_layers: int = TEXT_LAYERS, narrow: bool = False) -> Path:
     """Write the random SD 1.5-architecture diffusers folder to ``out`` (replacing it); return ``out``.
 
-    ``text_layers``: transformer layers of the CLIP text encoder (SD 1.5: 12)."""
+    ``text_layers``: transformer layers of the CLIP text encoder (SD 1.5: 12). ``narrow``: every
+    block and layer of that layout (so the same operations per step) at a few dozen channels
+    (~2.4M UNet parameters), for counting a step's operations on a CPU (bench_gpu.py --narrow)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -40,16 +42,19 @@ def build_model(out: Path, text_layers: int = TEXT_LAYERS) -> Path:
     vocab, merges = train_demo_tokenizer()
     tokenizer = save_demo_tokenizer(out / "tokenizer", vocab, merges)
     torch.manual_seed(0)
+    width = 32 if narrow else 768
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN],
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
+        num_attention_heads=4 if narrow else 12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=width, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[EOS_TOKEN],
     ))
-    unet = UNet2DConditionModel(cross_attention_dim=768)
+    narrow_unet = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8) if narrow else {}
+    unet = UNet2DConditionModel(cross_attention_dim=width, **narrow_unet)
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
+        block_out_channels=(8, 16, 16, 16) if narrow else (128, 256, 512, 512),
+        norm_num_groups=8 if narrow else 32,
         layers_per_block=2,
         latent_channels=4,
         sample_size=256,
@@ -60,21 +65,22 @@ def build_model(out: Path, text_layers: int = TEXT_LAYERS) -> Path:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
-    (out / MARKER).write_text(json.dumps({"version": LAYOUT_VERSION, "text_layers": text_layers}) + "\n")
+    (out / MARKER).write_text(json.dumps({"version": LAYOUT_VERSION, "text_layers": text_layers, "narrow": narrow}) + "\n")
     return out
 
 
-def ensure_model(out: Path = DEFAULT_MODEL_DIR, text_layers: int = TEXT_LAYERS) -> Path:
+def ensure_model(out: Path = DEFAULT_MODEL_DIR, text_layers: int = TEXT_LAYERS, narrow: bool = False) -> Path:
     """The model folder at ``out``, built first if it is missing, from another layout version or
-    with another number of text-encoder layers."""
+    with other ``text_layers`` / ``narrow``."""
     marker = out / MARKER
     try:
         found = json.loads(marker.read_text())
-        if found["version"] == LAYOUT_VERSION and found.get("text_layers", TEXT_LAYERS) == text_layers:
+        if (found["version"] == LAYOUT_VERSION and found.get("text_layers", TEXT_LAYERS) == text_layers
+                and found.get("narrow", False) == narrow):
             return out
     except (OSError, ValueError, KeyError):
         pass
-    return build_model(out, text_layers)
+    return build_model(out, text_layers, narrow)
 
 
 def write_images(root: Path, count: int, size: int = 256, seed: int = 0) -> List[Path]:

@@ -5,6 +5,8 @@
     python bench/bench_gpu.py --tiny --device cpu --steps 3 --warmup 1   # a smoke run of the script (CPU, < 1 min)
     python bench/bench_gpu.py --variant-timeout 300 --deadline 520 --json $OUT/b.json   # on a leased machine
     bash bench/gpu_checks.sh 545      # the prepared run for a leased GPU: preflight, then the above
+    python bench/bench_gpu.py --narrow --precision bf16 --count-ops   # operations per step, on a CPU (~2 min)
+    python bench/bench_gpu.py --profile 3 ...  # + 3 untimed steps under torch.profiler: GPU busy share, launches
 
 The setting (issue "Speed on the GPU", its reference table):
 
@@ -41,8 +43,12 @@ Variants, each in a fresh subprocess, one after another, each with the same fixe
   step includes compiling, its s/step is the compiled step (the first steps are dropped);
 * ``hcp-cached-compile``: cached latents + ``model.cache_text = true`` (every caption encoded
   once; the text encoder leaves the GPU) + ``model.compile``, what a user switches on for a long
-  run (the issue's >= 44 images/s target). On a CPU smoke run (``--tiny``) the compile variants
-  use dynamo's ``eager`` backend (no C++ code generation): a check of the wiring, not a speed.
+  run (the issue's >= 44 images/s target);
+* ``hcp-cached-cudagraphs``: the same with ``model.compile = { mode = "reduce-overhead" }``: the
+  compiled graphs replay as CUDA graphs (one launch for a whole graph: the step is launch-bound
+  at batch 4); inductor's cache makes its compile shorter when it follows ``hcp-cached-compile``.
+  On a CPU smoke run (``--tiny``) the compile variants use dynamo's ``eager`` backend (no C++
+  code generation): a check of the wiring, not a speed.
 
 Reported per variant: mean seconds per step over the timed steps, images/s (batch / s/step),
 launch-to-first-step seconds (from starting the process to the end of its first optimizer step:
@@ -51,6 +57,14 @@ warm-up), and peak GPU memory (``torch.cuda.max_memory_allocated`` over the whol
 during the steps alone). Step time is the time between the ends of consecutive optimizer steps
 (CUDA synchronised there), so everything either loop does per step counts (for hcp, a stand-in for
 its LR scheduler marks the end of a step). On a CPU (``--tiny``) memory is the process's peak RSS.
+
+Where the time goes, for a step that is bound by kernel launches rather than arithmetic (batch 4
+is, on an H100): ``--count-ops`` counts the tensor operations each step dispatches (views left
+out; on a GPU about one kernel each), exactly, on any device; ``--narrow`` gives the SD 1.5 layout
+at a few dozen channels, so that a CPU counts the full model's operations in seconds, and
+``--precision bf16`` makes a CPU run dispatch what a bf16 GPU run does (casts included).
+``--profile K`` runs K more steps under torch.profiler, not timed: the share of the wall time the
+GPU was busy, kernel launches per step, and the costliest kernels and host operations.
 
 Then a markdown table and a one-line summary: hcp/minimal ratios and the issue's throughput targets
 (>= 22 images/s for hcp's defaults; >= 44 images/s for cached latents + ``torch.compile``). ``--json PATH`` also writes everything (per-step times included)
@@ -76,7 +90,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,10 +105,10 @@ LORA_ALPHA = 16.0
 LR = 1e-4
 WEIGHT_DECAY = 1e-2  # torch's AdamW default, and hcp's
 TEXT_LAYERS = 12
-VARIANTS = ("minimal", "hcp", "hcp-cached", "hcp-compile", "hcp-cached-compile", "example")
-#: The variant with the options a user switches on for a long run (cached latents and text +
-#: torch.compile).
-LONG_RUN = "hcp-cached-compile"
+VARIANTS = ("minimal", "hcp", "hcp-cached", "hcp-compile", "hcp-cached-compile", "hcp-cached-cudagraphs", "example")
+#: The variants with the options a user switches on for a long run (cached latents and text +
+#: torch.compile, without and with CUDA graphs).
+LONG_RUNS = ("hcp-cached-compile", "hcp-cached-cudagraphs")
 #: The issue's throughput targets on an H100 (images/s).
 TARGET_DEFAULTS = 22.0
 TARGET_CACHED_COMPILE = 44.0
@@ -115,6 +129,15 @@ class Recorder:
         self.steps: List[float] = []
         self.info: Dict[str, Any] = {}
         self.last = 0.0
+        #: With ``--count-ops``: the counter, and per step {op name: calls} (kernels, not views).
+        self.ops: Optional["OpCounter"] = None
+        self.op_steps: List[Dict[str, int]] = []
+        #: With ``--profile K``: torch.profiler records the steps after ``profile_after`` up to
+        #: ``profile_until`` (the run's last K steps; they are left out of the timing).
+        self.profile_after: Optional[int] = None
+        self.profile_until = 0
+        self.profile_start = 0
+        self.profiler: Any = None
 
     def begin(self, trainable: int, **info: Any) -> None:
         """Set-up is over: the first step starts now."""
@@ -124,6 +147,8 @@ class Recorder:
             self.info["gpu_setup_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.info["gpu_at_step1_mib"] = torch.cuda.memory_allocated(self.device) / 2**20
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.ops is not None:
+            self.ops.take()  # set-up's ops are not a step's
         self.last = time.perf_counter()
 
     def step_done(self) -> None:
@@ -131,12 +156,34 @@ class Recorder:
         now = time.perf_counter()
         self.steps.append(now - self.last)
         self.last = now
+        if self.ops is not None:
+            self.op_steps.append(self.ops.take())
+        if self.profile_after is not None and len(self.steps) == self.profile_after:
+            self.profiler = start_profiler(self.device)
+            self.profile_start = len(self.steps)
+        elif self.profiler is not None and len(self.steps) == self.profile_until:
+            self.finish_profile()
         if len(self.steps) == 1:
             self.info["first_step_s"] = time.time() - self.launch_time
 
+    def finish_profile(self) -> None:
+        """Stop the profiler (after the last step, before the run's final save) and summarise it."""
+        if self.profiler is None:
+            return
+        prof, self.profiler = self.profiler, None
+        try:  # a failed summary must not cost the variant its timings
+            prof.stop()
+            wall = sum(self.steps[self.profile_start:])
+            self.info["profile"] = profile_summary(prof, len(self.steps) - self.profile_start, wall)
+        except Exception as exc:
+            self.info["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+
     def result(self) -> Dict[str, Any]:
+        self.finish_profile()
         out = dict(self.info, step_seconds=self.steps,
                    peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if self.op_steps:
+            out["op_steps"] = self.op_steps
         if self.device.type == "cuda":
             steps_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             out["gpu_peak_steps_mib"] = steps_peak
@@ -144,14 +191,97 @@ class Recorder:
         return out
 
 
+class OpCounter:
+    """Counts the tensor operations this process dispatches (``--count-ops``), views and scalar reads left out.
+
+    On a GPU each counted operation is (about) one kernel launch, and at batch 4 the step is bound
+    by launches, not arithmetic; so the count per step, which a CPU run measures exactly, shows
+    where a step spends launches that another loop does not. Backward's operations count too (the
+    autograd engine carries the mode to its threads)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: Dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                # Views launch nothing; a scalar read (.item()) is a copy to the host, not a kernel.
+                if not func.is_view and func is not torch.ops.aten._local_scalar_dense.default:
+                    name = func.overloadpacket.__name__
+                    counts[name] = counts.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.counts = counts
+        self.mode = Mode()
+
+    def take(self) -> Dict[str, int]:
+        """The counts since the last call (and start again)."""
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+def start_profiler(device: torch.device) -> Any:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def _busy_seconds(intervals: List[Tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (microseconds in, seconds out)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e6
+
+
+def profile_summary(prof: Any, steps: int, wall: float, top: int = 12) -> Dict[str, Any]:
+    """What a few profiled steps spent: the share of the wall time the GPU was busy (kernels and
+    copies, overlaps merged), kernel launches per step, and the operations and kernels that took
+    the most time (milliseconds per step)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    gpu = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    launches = sum(1 for e in events if e.device_type == DeviceType.CPU and "LaunchKernel" in e.name)
+    averages = prof.key_averages()
+
+    def ms(evt: Any, *names: str) -> float:
+        for name in names:  # torch renamed cuda_* to device_* (2.4+)
+            if hasattr(evt, name):
+                return getattr(evt, name) / 1e3 / steps
+        return 0.0
+
+    host = sorted(((ms(e, "self_cpu_time_total"), e.key, e.count // steps) for e in averages
+                   if e.device_type == DeviceType.CPU), reverse=True)[:top]
+    kernels = sorted(((ms(e, "self_device_time_total", "self_cuda_time_total"), e.key, e.count // steps)
+                      for e in averages if e.device_type == DeviceType.CUDA), reverse=True)[:top]
+    out: Dict[str, Any] = {"steps": steps, "wall_s_per_step": wall / steps, "launches_per_step": launches / steps,
+                           "top_host_self_ms": [[round(t, 3), k, n] for t, k, n in host]}
+    if gpu:
+        out["gpu_busy_s_per_step"] = _busy_seconds(gpu) / steps
+        out["gpu_busy_share"] = out["gpu_busy_s_per_step"] / out["wall_s_per_step"]
+        out["top_kernels_ms"] = [[round(t, 3), k[:120], n] for t, k, n in kernels]
+    return out
+
+
 def attention_processors(unet: Any) -> List[str]:
     """The attention processor classes the UNet uses (SDPA: ``AttnProcessor2_0``)."""
     return sorted({type(p).__name__ for p in unet.attn_processors.values()})
 
 
-def half_dtype(device: torch.device) -> Optional[torch.dtype]:
+def half_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """The minimal loop's mixed precision, as hcp's "auto" picks it: bf16 on a GPU that has it,
-    fp16 on an older one, fp32 on the CPU."""
+    fp16 on an older one, fp32 on the CPU; ``precision`` "bf16" or "fp32" (``--precision``) forces one."""
+    if precision != "auto":
+        return torch.bfloat16 if precision == "bf16" else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -175,7 +305,7 @@ def minimal_worker(args: argparse.Namespace, rec: Recorder, device: torch.device
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-    half = half_dtype(device)
+    half = half_dtype(device, args.precision)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     unet.to(device, dtype=half or torch.float32)
@@ -194,7 +324,8 @@ def minimal_worker(args: argparse.Namespace, rec: Recorder, device: torch.device
     else:
         lora_params = wrap_attention_lora(unet, LORA_RANK, LORA_ALPHA, device)  # fp32 factors
     unet.train()
-    optimizer = torch.optim.AdamW(lora_params, lr=LR, weight_decay=WEIGHT_DECAY)
+    # foreach: what torch picks on a GPU anyway; said so that a CPU op count (--count-ops) compares alike.
+    optimizer = torch.optim.AdamW(lora_params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
 
     images = sorted(Path(args.data).glob("*.png"))
     captions = [p.with_suffix(".txt").read_text().strip() for p in images]
@@ -232,20 +363,25 @@ def minimal_worker(args: argparse.Namespace, rec: Recorder, device: torch.device
         rec.step_done()
 
 
-def pipeline_toml(args: argparse.Namespace, exp_dir: str, *, cached: bool, compiled: bool = False) -> str:
+def pipeline_toml(args: argparse.Namespace, exp_dir: str, *, cached: bool, compiled: Any = False) -> str:
     """The hcp pipeline of the minimal loop's setting, hcp's defaults otherwise (paths as JSON strings).
 
-    ``compiled``: ``model.compile = true`` (inductor) on a GPU; on a CPU smoke run dynamo's "eager"
-    backend, which checks the wiring without minutes of C++ compilation."""
+    ``compiled``: ``model.compile = true`` (inductor; ``--compile`` sets another value) on a GPU, or
+    ``"cudagraphs"``: ``{ mode = "reduce-overhead" }`` (inductor replaying CUDA graphs); on a CPU
+    smoke run dynamo's "eager" backend, which checks the wiring without minutes of C++ compilation."""
+    precision_line = "" if args.precision == "auto" else \
+        f'mixed_precision = "{"no" if args.precision == "fp32" else "bf16"}"'
     compile_line = ""
     if compiled:
-        compile_line = f"compile = {args.compile}" if args.device == "cuda" else 'compile = { backend = "eager" }'
+        value = '{ mode = "reduce-overhead" }' if compiled == "cudagraphs" else args.compile
+        compile_line = f"compile = {value}" if args.device == "cuda" else 'compile = { backend = "eager" }'
     return f"""
 seed = {args.seed}
 exp_dir = {json.dumps(exp_dir)}
 
 [model]
 pretrained = {json.dumps(args.model)}
+{precision_line}
 {compile_line}
 {"cache_text = true" if cached and compiled else ""}
 
@@ -320,7 +456,8 @@ def _hcp_worker(args: argparse.Namespace, rec: Recorder, device: torch.device, b
     exp_dir = Path(args.work) / f"exp-{args.worker}"
     toml = Path(args.work) / f"{args.worker}.toml"
     toml.write_text(pipeline_toml(args, str(exp_dir), cached="cached" in args.worker,
-                                  compiled=args.worker.endswith("compile")))
+                                  compiled="cudagraphs" if args.worker.endswith("cudagraphs")
+                                  else args.worker.endswith("compile")))
     run = build_run(hcp_core.load_config(toml, registry=registry), overwrite=True)
     if run.accelerator.device.type != device.type:
         raise RuntimeError(f"hcp runs on {run.accelerator.device}, the bench asked for {device}")
@@ -342,11 +479,18 @@ def run_worker(args: argparse.Namespace) -> None:
         # core (see bench_flux.py's --threads); CPU runs here are smoke tests, not measurements.
         torch.set_num_threads(1)
     rec = Recorder(device, args.launch_time)
+    if args.profile:
+        rec.profile_after, rec.profile_until = args.total_steps - args.profile, args.total_steps
     torch.manual_seed(args.seed)
+    if args.count_ops:
+        rec.ops = OpCounter()
+        rec.ops.mode.__enter__()
     if args.worker in ("minimal", "example"):
         minimal_worker(args, rec, device, example=args.worker == "example")
     else:
         hcp_worker(args, rec, device)
+    if rec.ops is not None:
+        rec.ops.mode.__exit__(None, None, None)
     Path(args.result).write_text(json.dumps(rec.result()))
 
 
@@ -359,10 +503,12 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path,
     result_path = work / f"{variant}.result.json"
     launch = time.time()
     cmd = [sys.executable, __file__, "--worker", variant, "--model", str(args.model), "--data", str(data),
-           "--work", str(work), "--total-steps", str(args.steps), "--seed", str(args.seed), "--device", args.device,
+           "--work", str(work), "--total-steps", str(args.steps + args.profile), "--seed", str(args.seed), "--device", args.device,
            "--size", str(args.size), "--batch", str(args.batch), "--result", str(result_path),
-           "--launch-time", repr(launch), "--compile", args.compile]
+           "--launch-time", repr(launch), "--compile", args.compile, "--precision", args.precision,
+           "--profile", str(args.profile)]
     cmd += [] if args.workers is None else ["--workers", str(args.workers)]
+    cmd += ["--count-ops"] if args.count_ops else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if args.device == "cpu":
@@ -384,12 +530,30 @@ def run_variant(variant: str, args: argparse.Namespace, work: Path, data: Path,
         return {"error": error, "log_tail": log_path.read_text(errors="replace")[-4000:],
                 "wall_s": time.time() - launch}
     result = json.loads(result_path.read_text())
-    timed = result["step_seconds"][args.warmup:]
+    timed = result["step_seconds"][args.warmup:args.steps]  # profiled steps (--profile) come after
     result["s_per_step"] = sum(timed) / len(timed)
     result["images_per_s"] = args.batch / result["s_per_step"]
     result["timed_steps"] = len(timed)
+    if result.get("op_steps"):
+        per_step = [sum(c.values()) for c in result["op_steps"][args.warmup:args.steps]]
+        result["ops_per_step"] = sorted(per_step)[len(per_step) // 2]
     result["wall_s"] = time.time() - launch
     return result
+
+
+def profile_lines(prof: Optional[Dict[str, Any]], top: int = 6) -> List[str]:
+    """A few lines from a variant's ``--profile`` summary (the JSON holds the rest)."""
+    if not prof:
+        return []
+    if "error" in prof:
+        return [f"profile failed: {prof['error']}"]
+    head = f"profiled {prof['steps']} steps: {prof['wall_s_per_step'] * 1e3:.1f} ms/step"
+    if "gpu_busy_share" in prof:
+        head += f", GPU busy {prof['gpu_busy_s_per_step'] * 1e3:.1f} ms ({100 * prof['gpu_busy_share']:.0f}%)"
+    lines = [head + f", {prof['launches_per_step']:.0f} kernel launches/step"]
+    lines += [f"kernel {t:8.2f} ms  x{n:<5} {k}" for t, k, n in prof.get("top_kernels_ms", [])[:top]]
+    lines += [f"host   {t:8.2f} ms  x{n:<5} {k}" for t, k, n in prof["top_host_self_ms"][:top]]
+    return lines
 
 
 def write_json(path: str, setting: Dict[str, Any], results: Dict[str, Dict[str, Any]], **extra: Any) -> None:
@@ -404,6 +568,10 @@ def fmt(value: Optional[float], spec: str) -> str:
 def table(results: Dict[str, Dict[str, Any]], cuda: bool) -> List[str]:
     mem = ("peak GPU MiB", "peak GPU MiB in steps") if cuda else ("peak RSS MiB", "")
     head = ["variant", "precision", "s/step", "images/s", "launch to first step s", mem[0]] + ([mem[1]] if cuda else [])
+    counted = any("ops_per_step" in r for r in results.values())
+    profiled = [r["profile"] for r in results.values() if "profile" in r]
+    busy = any("gpu_busy_share" in p for p in profiled)
+    head += (["ops/step"] if counted else []) + (["launches/step"] if profiled else []) + (["GPU busy"] if busy else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -413,6 +581,10 @@ def table(results: Dict[str, Dict[str, Any]], cuda: bool) -> List[str]:
                  f"{r['first_step_s']:.1f}"]
         cells += [fmt(r.get("gpu_peak_mib"), ",.0f"), fmt(r.get("gpu_peak_steps_mib"), ",.0f")] if cuda else \
                  [f"{r['peak_rss_mib']:,.0f}"]
+        prof = r.get("profile", {})
+        cells += [fmt(r.get("ops_per_step"), ",")] if counted else []
+        cells += [fmt(prof.get("launches_per_step"), ",.0f")] if profiled else []  # n/a: its profile failed
+        cells += [fmt(None if "gpu_busy_share" not in prof else 100 * prof["gpu_busy_share"], ".0f") + "%"] if busy else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -424,7 +596,7 @@ def summary(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> str
     for name in VARIANTS[1:]:
         if base and name in ok:
             parts.append(f"{name}/minimal s/step {ok[name]['s_per_step'] / base['s_per_step']:.3f}x")
-    full = args.device == "cuda" and not args.tiny
+    full = args.device == "cuda" and not (args.tiny or args.narrow)
     if "hcp" in ok:
         ips = ok["hcp"]["images_per_s"]
         verdict = ("met" if ips >= TARGET_DEFAULTS else "NOT met") if full else "n/a: not the full setting on a GPU"
@@ -432,17 +604,18 @@ def summary(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> str
     for name in ("hcp-cached", "hcp-compile"):
         if name in ok:
             parts.append(f"{name} {ok[name]['images_per_s']:.2f} images/s")
-    if LONG_RUN in ok:
-        ips = ok[LONG_RUN]["images_per_s"]
-        verdict = ("met" if ips >= TARGET_CACHED_COMPILE else "NOT met") if full else "n/a: not the full setting on a GPU"
-        parts.append(f"{LONG_RUN} {ips:.2f} images/s (target >= {TARGET_CACHED_COMPILE:g}: {verdict})")
+    for name in LONG_RUNS:
+        if name in ok:
+            ips = ok[name]["images_per_s"]
+            verdict = ("met" if ips >= TARGET_CACHED_COMPILE else "NOT met") if full else "n/a: not the full setting on a GPU"
+            parts.append(f"{name} {ips:.2f} images/s (target >= {TARGET_CACHED_COMPILE:g}: {verdict})")
     example = ok.get("example")
     if example:  # the issue's targets as ratios to the diffusers-example-like loop of the same run
-        for name, goal in (("hcp", 1.0), (LONG_RUN, 2.0)):
+        for name, goal in (("hcp", 1.0), *((n, 2.0) for n in LONG_RUNS)):
             if name in ok:
                 ratio = ok[name]["images_per_s"] / example["images_per_s"]
-                parts.append(f"{name} {ratio:.2f}x the example's images/s (target >= {goal:g}x: "
-                             f"{'met' if ratio >= goal else 'NOT met'})")
+                verdict = ("met" if ratio >= goal else "NOT met") if full else "n/a: not the full setting on a GPU"
+                parts.append(f"{name} {ratio:.2f}x the example's images/s (target >= {goal:g}x: {verdict})")
     failed = [k for k in results if k not in ok]
     if failed:
         parts.append(f"FAILED: {', '.join(failed)}")
@@ -468,7 +641,8 @@ def prepare_model(args: argparse.Namespace) -> str:
     from _sd15_arch import ensure_model
 
     t0 = time.perf_counter()
-    out = ensure_model(Path(tempfile.gettempdir()) / f"hcp_bench_sd15_te{TEXT_LAYERS}", text_layers=TEXT_LAYERS)
+    name = f"hcp_bench_sd15_te{TEXT_LAYERS}" + ("_narrow" if args.narrow else "")
+    out = ensure_model(Path(tempfile.gettempdir()) / name, text_layers=TEXT_LAYERS, narrow=args.narrow)
     print(f"model folder ready in {time.perf_counter() - t0:.0f}s: {out}", flush=True)
     return str(out)
 
@@ -486,6 +660,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="hcp's tiny demo SD model and 64 px images: a smoke test of the script (runs on a CPU)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda when available; without one the bench exits 0 unless --tiny (then cpu)")
+    parser.add_argument("--narrow", action="store_true",
+                        help="the SD 1.5 layout at a few dozen channels: a step's operations as on the full model, "
+                             "cheap enough to count on a CPU (--count-ops); no speed figure")
     parser.add_argument("--model", default=None, help="an existing SD-layout diffusers folder (default: built offline)")
     parser.add_argument("--json", default=None, help="also write the results here as JSON (and the logs next to it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -499,6 +676,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds from the bench's start: a variant still running then is stopped, later ones "
                              "are skipped, and the results so far are reported (for a leased machine)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="mixed precision of every variant (default auto: bf16 on a GPU that has it, fp32 on a "
+                             "CPU); bf16 on a CPU makes --count-ops count what a GPU step dispatches")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="after the timed steps, K more under torch.profiler (not timed): the share of time the "
+                             "GPU is busy, kernel launches per step, the costliest kernels and host operations")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the tensor operations of each step (views left out): on a GPU about one kernel "
+                             "launch each, so a CPU run shows a launch-bound step's cost (slows the steps)")
     # Worker-only options (the parent passes them).
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -508,7 +694,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--launch-time", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size is None:
-        args.size = 64 if args.tiny else 512
+        args.size = 64 if args.tiny or args.narrow else 512
     if args.size % 8:
         parser.error("--size must be a multiple of 8 (the VAE's factor)")
     if not args.worker and not 0 <= args.warmup < args.steps:
@@ -522,7 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_worker(args)
         return 0
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else ("cpu" if args.tiny else None)
+        args.device = "cuda" if torch.cuda.is_available() else ("cpu" if args.tiny or args.narrow else None)
         if args.device is None:
             print("bench_gpu: torch sees no CUDA device; nothing to measure (use --tiny --device cpu for a smoke run)")
             return 0
@@ -539,7 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args.model = prepare_model(args)
     setting = {
-        "model": "hcp demo tiny SD (--tiny)" if args.tiny else
+        "model": "hcp demo tiny SD (--tiny)" if args.tiny else "narrow " * args.narrow +
                  f"SD 1.5 architecture, random weights (UNet ~860M, SD VAE, {TEXT_LAYERS}-layer CLIP-L-width text encoder)",
         "model_path": args.model, "images": args.images, "size": args.size, "batch": args.batch,
         "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "layers": "attn1/attn2 to_q, to_k, to_v, to_out.0"},
@@ -579,6 +765,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{r['first_step_s']:.1f}s after launch (set-up {r['ready_s']:.1f}s), {r['precision']}, "
                       f"attention {'/'.join(r.get('attention', []))}, {r['trainable']:,} trained parameters "
                       f"({r['wall_s']:.0f}s in all)", flush=True)
+                for line in profile_lines(r.get("profile")):
+                    print("    " + line, flush=True)
             if args.json:  # what has run so far, in case the machine goes away before the end
                 write_json(args.json, setting, results)
     counts = {k: v["trainable"] for k, v in results.items() if "error" not in v}

@@ -6,7 +6,7 @@
 # 1. the versions it runs with and the card, and the tests that only run on CUDA;
 # 2. a preflight: bench_gpu.py's tiny model on the GPU, hcp's variant, 3 steps (fails fast, within a
 #    minute, when something is missing, instead of after the big model is built);
-# 3. bench_gpu.py's full setting, variants ordered by what matters most, each stopped after
+# 3. bench_gpu.py's full setting (3 profiled steps after the timed ones), variants ordered by what matters most, each stopped after
 #    300 s and all of them by the deadline, so partial results still come back;
 # 4. bench_lora_hook.py: hcp's LoRA hook against a wrapper module, in the time left.
 # Results land in $OUT (default /tmp/hcp_gpu_out): bench_gpu.json and each variant's log.
@@ -33,7 +33,7 @@ echo "== CUDA-only tests"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py 2>&1 | tail -3
 
 echo "== preflight (tiny model on the GPU)"
-if ! timeout 150 "$PY" bench/bench_gpu.py --tiny --device cuda --variants hcp --steps 3 --warmup 1 --variant-timeout 120; then
+if ! timeout 150 "$PY" bench/bench_gpu.py --tiny --device cuda --variants hcp --steps 3 --warmup 1 --profile 1 --variant-timeout 120; then
     echo "preflight FAILED: the full bench is not run"
     exit 1
 fi
@@ -41,7 +41,7 @@ fi
 left=$((budget - SECONDS - 110))  # the last 95 s: the LoRA hook/wrapper comparison
 echo "== full setting (deadline ${left}s)"
 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json" --variant-timeout 300 --deadline "$left" \
-    --variants hcp,example,minimal,hcp-cached,hcp-cached-compile,hcp-compile
+    --profile 3 --variants hcp,example,hcp-cached-compile,hcp-cached-cudagraphs,hcp-cached,minimal,hcp-compile
 
 echo "== LoRA as a forward hook vs as a wrapper module (SD 1.5 UNet, batch 4, 512 px, bf16)"
 timeout $((budget - SECONDS - 10)) "$PY" bench/bench_lora_hook.py --device cuda --rounds 3 --steps 5 --warmup 3 \

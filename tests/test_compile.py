@@ -10,6 +10,7 @@ the ``eager`` backend. Inductor itself (C++ code on CPU, triton on CUDA) is not 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,3 +178,41 @@ def test_compile_config_forms_and_errors(tmp_path, demo_model_dir, demo_data_dir
     ]:
         assert cli.main(["check", str(cfg), f"model.compile={bad}"]) == 2, bad
         assert message in capsys.readouterr().err, bad
+
+
+def test_cuda_graph_modes_mark_each_micro_step(tmp_path, demo_model_dir, demo_data_dir, monkeypatch) -> None:
+    """With a CUDA-graph mode (inductor "reduce-overhead" / "max-autotune") the loop tells torch where
+    each micro-step's iteration starts (torch.compiler.cudagraph_mark_step_begin), once per micro-step
+    and before its forward; other modes and backends never call it."""
+    import hcp_core
+    from hcp_core.config.schema import CompileConfig
+    from hcp_core.train import compile as compile_mod
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append("mark"))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for options, graphs in ((CompileConfig(backend="inductor", mode="reduce-overhead"), True),
+                            (CompileConfig(backend="inductor", mode="max-autotune"), True),
+                            (CompileConfig(backend="inductor"), False),
+                            (CompileConfig(backend=BACKEND, mode="reduce-overhead"), False)):  # mode: inductor's
+        watch = compile_mod.setup_compile(SimpleNamespace(denoiser=torch.nn.Linear(1, 1)), options, optimizer)
+        watch.micro_step_begins()
+        watch.close()
+        assert watch.cuda_graphs is graphs and marks == ["mark"] * graphs, options
+        marks.clear()
+
+    # A run: the demo UNet traced by dynamo, its watch switched to CUDA graphs; each mark precedes a forward.
+    real_setup = compile_mod.setup_compile
+
+    def graphs_on(models, options, opt):
+        watch = real_setup(models, options, opt)
+        watch.cuda_graphs = True
+        models.denoiser.register_forward_pre_hook(lambda *_: marks.append("forward"))
+        return watch
+
+    monkeypatch.setattr("hcp_core.train.setup.setup_compile", graphs_on)
+    cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, tmp_path / "exp", max_steps=2,
+                                                 bucket='{ type = "fixed", target_size = [64, 64] }'))
+    hcp_core.run(hcp_core.load_config(cfg, [f'model.compile={{ backend = "{BACKEND}" }}',
+                                            "train.gradient_accumulation=2"]))
+    assert marks == ["mark", "forward"] * 4

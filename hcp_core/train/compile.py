@@ -35,6 +35,8 @@ log = logging.getLogger("hcp")
 
 #: Steps after the first whose mean time the log compares with the first's.
 STEADY_STEPS = 5
+#: Inductor modes that replay CUDA graphs (torch's "cudagraph trees").
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_backend(options: CompileConfig, device: torch.device) -> None:
@@ -95,9 +97,11 @@ class CompileWatch:
     get a line each. Timing comes from an optimizer step hook and torch's compile callbacks, both
     outside the compiled code."""
 
-    def __init__(self, optimizer: Any) -> None:
+    def __init__(self, optimizer: Any, cuda_graphs: bool = False) -> None:
         from torch._dynamo.callback import callback_handler
 
+        #: Whether the compiled graphs replay as CUDA graphs (see :meth:`micro_step_begins`).
+        self.cuda_graphs = cuda_graphs
         self.compile_seconds = 0.0
         self.graphs = 0
         self.steps: List[float] = []
@@ -135,6 +139,13 @@ class CompileWatch:
             log.info("torch.compile: the next %d steps took %.3f s each (the first: %.1fx that)", STEADY_STEPS, steady,
                      self.steps[0] / steady if steady > 0 else float("inf"))
 
+    def micro_step_begins(self) -> None:
+        """Called before each micro-step's first forward. With CUDA graphs, tells torch where an
+        iteration starts, so the graphs may reuse the memory of the last one's outputs (all read by
+        now). Without it torch guesses: a compiled call with no backward pending starts one."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     def close(self) -> None:
         """Stop watching (the callbacks are process-wide)."""
         from torch._dynamo.callback import callback_handler
@@ -150,4 +161,4 @@ def setup_compile(models: Any, options: Optional[CompileConfig], optimizer: Any)
     if options is None:
         return None
     compile_denoiser(models.denoiser, options)
-    return CompileWatch(optimizer)
+    return CompileWatch(optimizer, cuda_graphs=options.backend == "inductor" and options.mode in CUDA_GRAPH_MODES)

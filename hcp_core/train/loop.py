@@ -130,6 +130,8 @@ def optimizer_step(run: Run, step: int) -> PendingStep:
         # Dropout draws from the global RNG (gradient checkpointing replays it); keying it on the
         # step means nothing else that touches it (previews, plugins) can make a resume differ.
         torch.manual_seed(sample_seed(run.pipeline.seed, step, micro, stream=2))
+        if run.compiled is not None:
+            run.compiled.micro_step_begins()
         loss, values, names = guarded_loss(run, batches, step)
         share = values / cfg.gradient_accumulation
         total = share if total is None else total + share

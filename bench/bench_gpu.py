@@ -263,9 +263,10 @@ def profile_summary(prof: Any, steps: int, wall: float, top: int = 12) -> Dict[s
                    if e.device_type == DeviceType.CPU), reverse=True)[:top]
     kernels = sorted(((ms(e, "self_device_time_total", "self_cuda_time_total"), e.key, e.count // steps)
                       for e in averages if e.device_type == DeviceType.CUDA), reverse=True)[:top]
-    out: Dict[str, Any] = {"steps": steps, "wall_s_per_step": wall / steps, "launches_per_step": launches / steps,
+    out: Dict[str, Any] = {"steps": steps, "wall_s_per_step": wall / steps,
                            "top_host_self_ms": [[round(t, 3), k, n] for t, k, n in host]}
     if gpu:
+        out["launches_per_step"] = launches / steps
         out["gpu_busy_s_per_step"] = _busy_seconds(gpu) / steps
         out["gpu_busy_share"] = out["gpu_busy_s_per_step"] / out["wall_s_per_step"]
         out["top_kernels_ms"] = [[round(t, 3), k[:120], n] for t, k, n in kernels]
@@ -549,8 +550,9 @@ def profile_lines(prof: Optional[Dict[str, Any]], top: int = 6) -> List[str]:
         return [f"profile failed: {prof['error']}"]
     head = f"profiled {prof['steps']} steps: {prof['wall_s_per_step'] * 1e3:.1f} ms/step"
     if "gpu_busy_share" in prof:
-        head += f", GPU busy {prof['gpu_busy_s_per_step'] * 1e3:.1f} ms ({100 * prof['gpu_busy_share']:.0f}%)"
-    lines = [head + f", {prof['launches_per_step']:.0f} kernel launches/step"]
+        head += (f", GPU busy {prof['gpu_busy_s_per_step'] * 1e3:.1f} ms ({100 * prof['gpu_busy_share']:.0f}%), "
+                 f"{prof['launches_per_step']:.0f} kernel launches/step")
+    lines = [head]
     lines += [f"kernel {t:8.2f} ms  x{n:<5} {k}" for t, k, n in prof.get("top_kernels_ms", [])[:top]]
     lines += [f"host   {t:8.2f} ms  x{n:<5} {k}" for t, k, n in prof["top_host_self_ms"][:top]]
     return lines
@@ -569,9 +571,8 @@ def table(results: Dict[str, Dict[str, Any]], cuda: bool) -> List[str]:
     mem = ("peak GPU MiB", "peak GPU MiB in steps") if cuda else ("peak RSS MiB", "")
     head = ["variant", "precision", "s/step", "images/s", "launch to first step s", mem[0]] + ([mem[1]] if cuda else [])
     counted = any("ops_per_step" in r for r in results.values())
-    profiled = [r["profile"] for r in results.values() if "profile" in r]
-    busy = any("gpu_busy_share" in p for p in profiled)
-    head += (["ops/step"] if counted else []) + (["launches/step"] if profiled else []) + (["GPU busy"] if busy else [])
+    busy = any("gpu_busy_share" in r.get("profile", {}) for r in results.values())  # profiled on a GPU
+    head += (["ops/step"] if counted else []) + (["launches/step", "GPU busy"] if busy else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -583,8 +584,9 @@ def table(results: Dict[str, Dict[str, Any]], cuda: bool) -> List[str]:
                  [f"{r['peak_rss_mib']:,.0f}"]
         prof = r.get("profile", {})
         cells += [fmt(r.get("ops_per_step"), ",")] if counted else []
-        cells += [fmt(prof.get("launches_per_step"), ",.0f")] if profiled else []  # n/a: its profile failed
-        cells += [fmt(None if "gpu_busy_share" not in prof else 100 * prof["gpu_busy_share"], ".0f") + "%"] if busy else []
+        if busy:  # n/a: not profiled, or its profile failed
+            share = prof.get("gpu_busy_share")
+            cells += [fmt(prof.get("launches_per_step"), ",.0f"), "n/a" if share is None else f"{100 * share:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -9,7 +9,8 @@
 # 3. bench_gpu.py's full setting (3 profiled steps after the timed ones), variants ordered by what matters most, each stopped after
 #    300 s and all of them by the deadline, so partial results still come back;
 # 4. bench_lora_hook.py: hcp's LoRA hook against a wrapper module, in the time left.
-# Results land in $OUT (default /tmp/hcp_gpu_out): bench_gpu.json and each variant's log.
+# Results land in $OUT (default /tmp/hcp_gpu_out): bench_gpu.json, bench_gpu_logs.tgz (each variant's log)
+# and bench_lora_hook.json.
 # Needs the checkout on PYTHONPATH (set here) and torch, diffusers, transformers, accelerate,
 # pluggy, attrs, cattrs, safetensors, tokenizers, Pillow importable.
 set -u
@@ -42,6 +43,8 @@ left=$((budget - SECONDS - 110))  # the last 95 s: the LoRA hook/wrapper compari
 echo "== full setting (deadline ${left}s)"
 "$PY" bench/bench_gpu.py --json "$OUT/bench_gpu.json" --variant-timeout 300 --deadline "$left" \
     --profile 3 --variants hcp,example,hcp-cached-compile,hcp-cached-cudagraphs,hcp-cached,minimal,hcp-compile
+# The lease returns at most 8 files: the variants' logs travel as one archive.
+(cd "$OUT" && tar czf bench_gpu_logs.tgz bench_gpu.*.log && rm -f bench_gpu.*.log)
 
 echo "== LoRA as a forward hook vs as a wrapper module (SD 1.5 UNet, batch 4, 512 px, bf16)"
 timeout $((budget - SECONDS - 10)) "$PY" bench/bench_lora_hook.py --device cuda --rounds 3 --steps 5 --warmup 3 \

@@ -39,3 +39,43 @@ def test_a_flux_lora_trains_on_two_processes_like_on_one(tmp_path, flux_model_di
     assert double.returncode == 0, double.stderr[-3000:]
     assert "all 2 processes hold identical trained weights" in double.stderr
     assert_same_tensors(load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors")), exact=False, atol=1e-4)
+
+
+FULL_DISK_AT_STEP_1 = """
+import errno
+from hcp_core.train import checkpoint
+
+real_write = checkpoint._write_files
+
+
+def full_disk(folder, step, *args, **kwargs):
+    if step == 1:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_write(folder, step, *args, **kwargs)
+
+
+checkpoint._write_files = full_disk
+"""
+
+
+def test_a_checkpoint_failing_on_the_main_process_stops_every_process_with_a_message(tmp_path, demo_model_dir,
+                                                                                      demo_data_dir) -> None:
+    """A full disk while the main process writes step 1's checkpoint: it exits with its message, and
+    the other process learns of it and exits with one too, instead of waiting at its next collective
+    (until torchrun's agent kills it, or forever under a launcher without one)."""
+    import os
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK_AT_STEP_1)  # every process imports it at start
+    exp = tmp_path / "exp"
+    cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, max_steps=3, batch_size=1,
+                                                 save_every=1))
+    path = os.pathsep.join(p for p in (str(inject), os.environ.get("PYTHONPATH", "")) if p)
+    result = torchrun(cfg, env={"PYTHONPATH": path})
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "hcp: error: could not write checkpoint step-00000001" in out and "the disk is full" in out
+    assert "hcp: error: step 1: the main process could not write its checkpoint (see its message); this process stops too" in out
+    assert "hcp_core/" not in out  # no traceback through hcp (torchrun prints its own on a failed worker)
+    assert not (exp / "checkpoints" / "step-00000001").exists()

@@ -28,7 +28,7 @@ from .interrupts import StopSignals, stopped
 from .optim import evaluation_weights
 from .progress import Progress
 from .sample_images import sample_due
-from .setup import Run
+from .setup import Run, raise_agreed
 from .sharding import Sharding
 
 log = logging.getLogger("hcp")
@@ -87,7 +87,7 @@ def train(run: Run, start: int = 0) -> RunResult:
     if step > last_saved or not ckpt.list_checkpoints(run.exp_dir):
         save(run, step)
     check_ranks_agree(run)
-    exports = export(run, None)
+    exports = agreed_export(run, None)
     if run.pipeline.sample is not None:  # with the exported weights (EMA swapped in, if any)
         with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext(), run.gathered():
             if run.renderer is not None:
@@ -280,8 +280,10 @@ def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
 
 def save(run: Run, step: int) -> None:
     """Checkpoint (all ranks wait) and export user-facing files; the main process writes. With
-    FSDP every process takes part in gathering whole tensors."""
+    FSDP every process takes part in gathering whole tensors. A failure on one process (a full
+    disk, an export error) stops every process with a message (:func:`.setup.raise_agreed`)."""
     run.accelerator.wait_for_everyone()
+    path, failure = None, None
     if run.is_main or run.sharding is not None:
         state = {
             "optimizer": run.optimizer.state_dict(),
@@ -295,13 +297,30 @@ def save(run: Run, step: int) -> None:
             state, trainable = run.sharding.full((state, trainable), keep=run.is_main)
         if run.is_main:
             meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
-            path = ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state,
-                                        meta=meta, keep=run.pipeline.train.keep_checkpoints)
-        export(run, step)
-        if run.is_main:
-            ckpt.mark_exported(path)
-            log.info("saved checkpoint %s", path)
+            try:
+                path = ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state,
+                                            meta=meta, keep=run.pipeline.train.keep_checkpoints)
+            except BaseException as exc:
+                failure = exc
+    raise_agreed(run.accelerator, failure, f"step {step}: the main process could not write its checkpoint")
+    agreed_export(run, step)
+    if run.is_main:
+        ckpt.mark_exported(path)
+        log.info("saved checkpoint %s", path)
     run.accelerator.wait_for_everyone()
+
+
+def agreed_export(run: Run, step: Optional[int]) -> List[str]:
+    """:func:`export` on every process; a failure stops every process with a message."""
+    exports: List[str] = []
+    failure = None
+    try:
+        exports = export(run, step)
+    except BaseException as exc:
+        failure = exc
+    what = "the final export" if step is None else f"step {step}: the export"
+    raise_agreed(run.accelerator, failure, f"{what} failed on the main process")
+    return exports
 
 
 def export(run: Run, step: Optional[int]) -> List[str]:

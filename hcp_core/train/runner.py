@@ -11,7 +11,7 @@ import attrs
 from ..config.pipeline import pipeline_to_dict
 from ..config.schema import Pipeline
 from . import checkpoint as ckpt
-from .loop import RunResult, TrainingDiverged, export, train
+from .loop import RunResult, TrainingDiverged, agreed_export, train
 from .optim import build_scheduler
 from .epochs import run_plan
 from .resume import SCHEDULE_LENGTH_KEYS, check_resume_config
@@ -75,7 +75,7 @@ def restore(run: Run, where: str) -> Tuple[Run, int]:
         log.info("resume: applied the changed value %s", line)
     if not ckpt.is_exported(path):  # every process knows (the folder is shared); with FSDP all gather
         log.info("the exports of step %d were cut off; writing them again", step)
-        export(run, step)
+        agreed_export(run, step)
         if run.is_main:
             ckpt.mark_exported(path)
     run.accelerator.wait_for_everyone()

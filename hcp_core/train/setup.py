@@ -158,6 +158,18 @@ def make_accelerator(pipeline: Pipeline) -> Any:
     return accelerator
 
 
+def raise_agreed(accelerator: Any, failure: Optional[BaseException], what: str) -> None:
+    """Every process learns whether any of them failed at this point (a collective: all must call
+    it): the one that failed raises its own error, the others a :class:`UserError` saying ``what``
+    went wrong elsewhere, so none waits at its next collective for a process that has exited."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1 if failure is not None else 0], device=accelerator.device)
+        if int(accelerator.reduce(flag, "max").item()) and failure is None:
+            raise UserError(f"{what} (see its message); this process stops too")
+    if failure is not None:
+        raise failure
+
+
 def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite: bool) -> Tuple[Path, Optional[RunLock]]:
     """The run folder made ready and locked by the main process; other ranks wait for it."""
     exp_dir = Path(pipeline.base_dir) / pipeline.exp_dir
@@ -168,12 +180,7 @@ def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite
             lock = open_run_folder(exp_dir, resume=resume, overwrite=overwrite)
         except BaseException as exc:  # other ranks must not wait forever for a rank that failed
             failure = exc
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([1 if failure is not None else 0], device=accelerator.device)
-        if int(accelerator.reduce(flag, "max").item()) and failure is None:
-            raise UserError(f"exp_dir {exp_dir}: the main process could not open the run folder (see its message)")
-    if failure is not None:
-        raise failure
+    raise_agreed(accelerator, failure, f"exp_dir {exp_dir}: the main process could not open the run folder")
     setup_logging(exp_dir, accelerator.is_main_process)
     for note in lock.notes if lock is not None else ():
         log.warning("%s", note)

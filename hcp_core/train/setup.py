@@ -374,7 +374,8 @@ def cached_text(p: Pipeline, family: Any, models: ModelBundle, data: Any, encode
 def place_models(models: ModelBundle, device: Any, model_cfg: Any, precision: str, *, vae_bf16_safe: bool = False) -> None:
     """Move every part to ``device``; frozen weights go to the mixed precision's half type (trained
     ones stay fp32): autocast would cast each of them to it in every forward anyway (on a CPU too,
-    where only bf16 is allowed). ``vae_bf16_safe``: the family says its VAE may go bf16 under ``model.vae_dtype = "auto"``."""
+    where only bf16 is allowed). ``vae_bf16_safe``: the family says its VAE may go bf16 under
+    ``model.vae_dtype = "auto"``."""
     from .precision import choose_vae_dtype, torch_dtype
 
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)

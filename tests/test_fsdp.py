@@ -120,10 +120,9 @@ def test_options_fsdp_cannot_run_with_are_named(tmp_path, demo_model_dir, demo_d
         check_compatible(hcp_core.load_config(write_pipeline(tmp_path, prodigy)), "no")
     with pytest.raises(UserError, match='FSDP with mixed_precision = "fp16" is not supported'):
         check_compatible(p, "fp16")
-    for change, message in (({"compile": True}, "model.compile with FSDP is not supported yet"),
-                            ({"fp8_base": True}, "model.fp8_base with FSDP is not supported")):
-        with pytest.raises(UserError, match=message):
-            check_compatible(attrs.evolve(p, model=attrs.evolve(p.model, **change)), "bf16")
+    with pytest.raises(UserError, match="model.fp8_base with FSDP is not supported"):
+        check_compatible(attrs.evolve(p, model=attrs.evolve(p.model, fp8_base=True)), "bf16")
+    check_compatible(attrs.evolve(p, model=attrs.evolve(p.model, compile=True)), "bf16")  # compiles between units
 
 
 def test_two_fsdp_processes_train_like_one_with_the_doubled_batch_and_resume_exactly(tmp_path, demo_model_dir,
@@ -132,6 +131,9 @@ def test_two_fsdp_processes_train_like_one_with_the_doubled_batch_and_resume_exa
     texts = {exp: pipeline_toml(demo_model_dir, demo_data_dir, exp, adapters=ADAPTERS, extra=EXTRA, max_steps=4,
                                 batch_size=size, save_every=2).replace("log_every = 1", "log_every = 1\nmax_grad_norm = 0.05")
              for exp, size in ((one, 2), (two, 1), (again, 1))}
+    # The resumed run compiles the sharded UNet (dynamo's eager backend: graphs between the FSDP
+    # units' gathers), which must not change a bit of what it trains.
+    texts[again] = texts[again].replace("[model]\n", '[model]\ncompile = { backend = "eager" }\n', 1)
     single = hcp("run", str(write_pipeline(tmp_path, texts[one], "one.toml")))
     assert single.returncode == 0, single.stderr[-3000:]
     sharded = torchrun(write_pipeline(tmp_path, texts[two], "two.toml"), env=FSDP_ENV)
@@ -169,14 +171,16 @@ def test_two_fsdp_processes_train_like_one_with_the_doubled_batch_and_resume_exa
     assert "UNet2DConditionModel" in (two / "model" / "model_index.json").read_text()
     assert "FSDP" not in (two / "model" / "unet" / "config.json").read_text()
 
-    # Resume from step 2 under FSDP: the same weights, moments and EMA as the run that went on.
+    # Resume from step 2 under FSDP (compiled): the same weights, moments and EMA as the run that went on.
     shutil.copytree(two, again, ignore=shutil.ignore_patterns("step-00000004", "samples"))
     for stale in ("finetune.safetensors", "lora.safetensors", "model", "model.safetensors"):
         path = again / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     resumed = torchrun(write_pipeline(tmp_path, texts[again], "again.toml"), 2, "--resume", "latest", env=FSDP_ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in (again / "train.log").read_text()
+    again_log = (again / "train.log").read_text()
+    assert "resumed from" in again_log and "torch.compile: UNet2DConditionModel compiled with backend=eager" in again_log
+    assert "torch.compile with FSDP: each FSDP unit's gather and reshard run eagerly" in again_log
     for name in ("finetune.safetensors", "lora.safetensors", "model.safetensors"):
         assert_same_tensors(load_file(str(two / name)), load_file(str(again / name)))
     state_again = torch.load(again / "checkpoints/step-00000004/training_state.pt", weights_only=True)

@@ -86,9 +86,14 @@ def compile_denoiser(module: torch.nn.Module, options: CompileConfig) -> None:
         return compiled(*args, **kw) if torch.is_grad_enabled() else eager(*args, **kw)
 
     module._compiled_call_impl = training_calls_only
+    from .sharding import original_class  # FSDP named the class "FSDP<class>"
+
     log.info("torch.compile: %s compiled with backend=%s mode=%s dynamic=%s (at most %d graphs); the first step "
-             "compiles it", type(module).__name__, options.backend, options.mode, options.dynamic,
+             "compiles it", original_class(type(module)).__name__, options.backend, options.mode, options.dynamic,
              options.recompile_limit)
+    if hasattr(module, "unshard"):  # an FSDP2 module (fully_shard)
+        log.info("torch.compile with FSDP: each FSDP unit's gather and reshard run eagerly between compiled graphs "
+                 "(graph breaks at the unit boundaries)")
 
 
 class CompileWatch:

@@ -107,13 +107,9 @@ def hidden_from_accelerate(environ: Dict[str, str]) -> Iterator[None]:
 
 def check_compatible(pipeline: Any, precision: str) -> None:
     """Options that FSDP cannot run with, refused before the model loads."""
-    from ..config.schema import compile_options
-
     if precision == "fp16":
         raise UserError("FSDP with mixed_precision = \"fp16\" is not supported (its gradient scaler does not unscale "
                         "sharded gradients); set mixed_precision = \"bf16\" (GPUs that support it) or \"no\"")
-    if compile_options(pipeline.model.compile) is not None:
-        raise UserError("model.compile with FSDP is not supported yet; set model.compile = false")
     if getattr(pipeline.model, "fp8_base", False):
         raise UserError("model.fp8_base with FSDP is not supported; set model.fp8_base = false")
     optimizer = pipeline.train.optimizer.name if pipeline.train.optimizer is not None else "adamw"

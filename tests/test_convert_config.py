@@ -227,3 +227,15 @@ def test_the_command_writes_the_file_and_lists_the_notes(tmp_path, capsys):
     assert "exists; add --force" in capsys.readouterr().err
     assert cli.main(["tools", "convert-config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, model_key, note", [("True", True, None), ("False", None, None),
+                                                    ("fast", None, "model.allow_tf32 takes true or false")])
+def test_allow_tf32_is_carried_over(tmp_path, value, model_key, note):
+    """HCP-Diffusion's top-level allow_tf32: true becomes model.allow_tf32 = true, false is hcp's
+    default (nothing written, nothing noted), anything else is named."""
+    cfg = write(tmp_path / "tf32.yaml", f"allow_tf32: {value}\nmodel: {{pretrained_model_name_or_path: /m}}\n")
+    conversion = convert_file(cfg)
+    toml = tomllib.loads(conversion.toml())
+    assert toml["model"].get("allow_tf32") == model_key
+    assert noted(conversion).get("allow_tf32") == (None if note is None else f"'fast': hcp's {note}")

@@ -72,3 +72,27 @@ def test_bf16_on_a_cpu_keeps_frozen_weights_in_bf16_and_computes_the_same(demo_m
         out = unet(x, t, encoder_hidden_states=text).sample
         expected = stored_fp32.train(unet.training)(x, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0)
+
+
+def test_allow_tf32_turns_torchs_switches_on_and_the_log_says_so(tmp_path, demo_model_dir, demo_data_dir) -> None:
+    """model.allow_tf32 = true sets torch's TF32 switches for fp32 matrix products and convolutions
+    (process-wide); false leaves whatever they were; on a CPU the log says it has no effect."""
+    import torch
+
+    from hcp_core.train.precision import apply_tf32
+
+    switches = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [s.allow_tf32 for s in switches]
+    try:
+        for switch in switches:
+            switch.allow_tf32 = False
+        assert apply_tf32(False, cuda=True) is None and not any(s.allow_tf32 for s in switches)
+        assert apply_tf32(True, cuda=True) == "TF32: on for fp32 matrix products and convolutions (model.allow_tf32)"
+        assert all(s.allow_tf32 for s in switches)
+        exp = tmp_path / "exp"
+        cfg = write_pipeline(tmp_path, pipeline_toml(demo_model_dir, demo_data_dir, exp, max_steps=1))
+        assert cli.main(["run", str(cfg), "model.allow_tf32=true"]) == 0
+        assert "model.allow_tf32: no effect on a CPU" in (exp / "train.log").read_text()
+    finally:  # process-wide switches: leave them as the other tests found them
+        for switch, value in zip(switches, before):
+            switch.allow_tf32 = value

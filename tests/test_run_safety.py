@@ -331,3 +331,6 @@ def test_a_checkpoint_older_than_a_key_resumes_when_the_key_is_at_its_default() 
     changed = {"model": {"pretrained": "m", "fp8_base": True}, "data": {"ds": {"batch_size": 1, "flip": 0.5}}}
     _, refused = classify(old, changed, [])
     assert refused == ["data.ds.flip: (unset) -> 0.5", "model.fp8_base: (unset) -> True"]
+    # A speed switch whose numbers differ only by TF32 rounding may change on resume.
+    applied, refused = classify(same, {**same, "model": {**same["model"], "allow_tf32": True}}, [])
+    assert refused == [] and applied == ["model.allow_tf32: (unset) -> True"]

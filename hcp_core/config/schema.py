@@ -139,6 +139,10 @@ class ModelConfig:
     #: Store the denoiser's frozen Linear weights as float8_e4m3fn, upcast per forward (kohya's
     #: --fp8_base; halves their memory against bf16, rounds them once; docs/flux.md, "Memory").
     fp8_base: bool = False
+    #: TF32 for fp32 matrix products and convolutions on CUDA (inputs rounded to 10 mantissa bits,
+    #: fp32 sums): much faster fp32 work on Ampere and newer (an fp32 VAE, mixed_precision = "no").
+    #: false leaves torch's own setting (off for matrix products unless your code turned it on).
+    allow_tf32: bool = False
     #: Read webui-style emphasis in training prompts, ``(word:1.2)`` ``(word)`` ``[word]``, and
     #: weight those tokens' encoder outputs (SD/SDXL only; docs/data.md, "Prompt emphasis").
     prompt_emphasis: bool = False

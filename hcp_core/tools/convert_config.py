@@ -59,7 +59,7 @@ HINTS = {
     "train.cfg_scale": "DreamArtist's negative branch has no hcp equivalent",
     "model.ema_text_encoder": "hcp's train.ema averages every trained weight (set from model.ema_unet)",
     "model.clip_final_norm": "hcp applies the final layer norm after clip_skip as each family expects (SD: yes, SDXL: no)",
-    "allow_tf32": "hcp has no TF32 setting",
+    "allow_tf32": "hcp's model.allow_tf32 takes true or false",
     "vis_info": "preview prompts: use a [sample] table (docs/generation.md)",
     "previewer": "preview images: use a [sample] table (docs/generation.md)",
 }
@@ -258,6 +258,8 @@ class _Converter:
                                              f"ones, fp32 on a CPU); set model.mixed_precision = \"{precision}\" to force it")
             else:
                 self.note("mixed_precision", f"{precision!r}: hcp takes \"no\", \"fp16\", \"bf16\" or \"auto\"")
+        if self.get("allow_tf32") is True:
+            model["allow_tf32"] = self.take("allow_tf32")
         checkpointing = self.take("model.gradient_checkpointing")
         if isinstance(checkpointing, bool):
             model["gradient_checkpointing"] = checkpointing

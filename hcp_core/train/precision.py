@@ -7,6 +7,7 @@ asked for. fp16 on a CPU is refused: PyTorch's CPU autocast would not use it.
 
 ``model.vae_dtype`` (:func:`choose_vae_dtype`) picks the VAE's weights: bf16 under bf16 mixed
 precision on CUDA for VAEs known to be safe in it, fp32 otherwise (SDXL's VAE overflows in fp16).
+``model.allow_tf32`` (:func:`apply_tf32`) lets fp32 work run on TF32 tensor cores.
 """
 from __future__ import annotations
 
@@ -87,3 +88,17 @@ def check_machine(model_cfg: Any) -> None:
     options = compile_options(model_cfg.compile)
     if options is not None:
         check_backend(options, torch.device("cuda" if cuda else "cpu"))
+
+
+def apply_tf32(enabled: bool, *, cuda: bool) -> Optional[str]:
+    """``model.allow_tf32``: turn TF32 on for this process's fp32 matrix products and convolutions
+    (torch's global switches; false leaves them as they are). Returns the log line, or None."""
+    if not enabled:
+        return None
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if not cuda:
+        return "model.allow_tf32: no effect on a CPU (TF32 is a CUDA tensor-core format)"
+    return "TF32: on for fp32 matrix products and convolutions (model.allow_tf32)"

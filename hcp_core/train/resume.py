@@ -34,7 +34,7 @@ REFUSED = (
     "validation.split.**",  # which images are held out decides what trains
 )
 #: Exceptions to REFUSED: keys that apply. Folder paths may change: data moves between disks.
-ALLOWED = ("model.gradient_checkpointing", "model.cache_text", "model.vae_dtype", "model.vae_fp32", "model.compile", "model.compile.**", "data.*.num_workers", "data.*.cache_dir", "**.lr",
+ALLOWED = ("model.gradient_checkpointing", "model.cache_text", "model.allow_tf32", "model.vae_dtype", "model.vae_fp32", "model.compile", "model.compile.**", "data.*.num_workers", "data.*.cache_dir", "**.lr",
            "data.**.img_root", "data.**.att_mask", "**.emb_dir")
 
 

@@ -185,6 +185,11 @@ def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite
     for note in lock.notes if lock is not None else ():
         log.warning("%s", note)
     log.info("mixed precision: %s", getattr(accelerator, "precision_reason", accelerator.mixed_precision))
+    from .precision import apply_tf32
+
+    tf32 = apply_tf32(pipeline.model.allow_tf32, cuda=accelerator.device.type == "cuda")
+    if tf32:
+        log.info("%s", tf32)
     return exp_dir, lock
 
 

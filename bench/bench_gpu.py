@@ -49,6 +49,11 @@ Variants, each in a fresh subprocess, one after another, each with the same fixe
   at batch 4); inductor's cache makes its compile shorter when it follows ``hcp-cached-compile``.
   On a CPU smoke run (``--tiny``) the compile variants use dynamo's ``eager`` backend (no C++
   code generation): a check of the wiring, not a speed.
+* ``hcp-cudnn-benchmark`` and ``hcp-channels-last``: experiments on ``hcp`` that hcp does not offer
+  as options (yet), each one change made in the bench's process: ``torch.backends.cudnn.benchmark
+  = True`` (cuDNN times its convolution algorithms for each new shape), or the UNet's frozen conv
+  weights in channels-last memory format (its convolutions then run NHWC; the issue's probe listed
+  "channels-last 0.153 s"; on CUDA, GroupNorm converts such inputs back at each call).
 
 Reported per variant: mean seconds per step over the timed steps, images/s (batch / s/step),
 launch-to-first-step seconds (from starting the process to the end of its first optimizer step:
@@ -105,7 +110,11 @@ LORA_ALPHA = 16.0
 LR = 1e-4
 WEIGHT_DECAY = 1e-2  # torch's AdamW default, and hcp's
 TEXT_LAYERS = 12
-VARIANTS = ("minimal", "hcp", "hcp-cached", "hcp-compile", "hcp-cached-compile", "hcp-cached-cudagraphs", "example")
+VARIANTS = ("minimal", "hcp", "hcp-cached", "hcp-compile", "hcp-cached-compile", "hcp-cached-cudagraphs", "example",
+            "hcp-cudnn-benchmark", "hcp-channels-last")
+#: Experiments on hcp's defaults that hcp itself does not offer (yet): each changes one thing in the
+#: bench's own process, so that a GPU run shows whether it should become an option or a default.
+EXPERIMENTS = ("hcp-cudnn-benchmark", "hcp-channels-last")
 #: The variants with the options a user switches on for a long run (cached latents and text +
 #: torch.compile, without and with CUDA graphs).
 LONG_RUNS = ("hcp-cached-compile", "hcp-cached-cudagraphs")
@@ -459,9 +468,15 @@ def _hcp_worker(args: argparse.Namespace, rec: Recorder, device: torch.device, b
     toml.write_text(pipeline_toml(args, str(exp_dir), cached="cached" in args.worker,
                                   compiled="cudagraphs" if args.worker.endswith("cudagraphs")
                                   else args.worker.endswith("compile")))
+    if args.worker == "hcp-cudnn-benchmark":  # cuDNN times its algorithms per new shape, keeps the fastest
+        torch.backends.cudnn.benchmark = True
     run = build_run(hcp_core.load_config(toml, registry=registry), overwrite=True)
     if run.accelerator.device.type != device.type:
         raise RuntimeError(f"hcp runs on {run.accelerator.device}, the bench asked for {device}")
+    if args.worker == "hcp-channels-last":  # frozen conv weights NHWC: convolutions then run channels-last
+        for prm in run.models.unet.parameters():
+            if not prm.requires_grad and prm.dim() == 4:
+                prm.data = prm.data.contiguous(memory_format=torch.channels_last)
     run = attrs.evolve(run, lr_scheduler=TimedScheduler(run.lr_scheduler, rec))
     precision = {"no": "fp32", "bf16": "bfloat16", "fp16": "float16"}.get(run.accelerator.mixed_precision,
                                                                           run.accelerator.mixed_precision)
@@ -606,6 +621,9 @@ def summary(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> str
     for name in ("hcp-cached", "hcp-compile"):
         if name in ok:
             parts.append(f"{name} {ok[name]['images_per_s']:.2f} images/s")
+    for name in EXPERIMENTS:  # each against hcp's defaults measured in the same run
+        if name in ok and "hcp" in ok:
+            parts.append(f"{name}/hcp s/step {ok[name]['s_per_step'] / ok['hcp']['s_per_step']:.3f}x")
     for name in LONG_RUNS:
         if name in ok:
             ips = ok[name]["images_per_s"]

@@ -12,7 +12,8 @@
 #    all of them by a deadline, so partial results still come back (about 6-8 minutes with the
 #    two compiles);
 # 4. in the time left: bench_lora_hook.py (hcp's LoRA hook against a wrapper module, 100 s at
-#    most), then the other bench_gpu.py variants (cached latents alone, the minimal loop, compile alone).
+#    most), then the other bench_gpu.py variants (hcp again, the control of the cudnn.benchmark
+#    and channels-last experiments; cached latents alone, the minimal loop, compile alone).
 # Results land in $OUT (default /tmp/hcp_gpu_out): bench_gpu.json and bench_gpu_more.json, each with
 # its variants' logs as a .tgz, and bench_lora_hook.json.
 # Needs the checkout on PYTHONPATH (set here) and torch, diffusers, transformers, accelerate,
@@ -69,6 +70,6 @@ if [ "$hook_time" -ge 60 ]; then
 fi
 
 if [ $((budget - SECONDS)) -gt 60 ]; then
-    bench bench_gpu_more $((budget - SECONDS - 10)) hcp-cached,minimal,hcp-compile
+    bench bench_gpu_more $((budget - SECONDS - 10)) hcp,hcp-cudnn-benchmark,hcp-channels-last,hcp-cached,minimal,hcp-compile
 fi
 echo "== done after ${SECONDS}s"

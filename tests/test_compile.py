@@ -178,6 +178,13 @@ def test_compile_config_forms_and_errors(tmp_path, demo_model_dir, demo_data_dir
     ]:
         assert cli.main(["check", str(cfg), f"model.compile={bad}"]) == 2, bad
         assert message in capsys.readouterr().err, bad
+    # CUDA graphs reuse one micro-step's gradient memory in the next: no gradient accumulation with them.
+    for mode in ("reduce-overhead", "max-autotune"):
+        assert cli.main(["check", str(cfg), f'model.compile={{ mode = "{mode}" }}', "train.gradient_accumulation=2"]) == 2
+        assert (f"train: gradient_accumulation = 2 cannot run with model.compile mode '{mode}': its CUDA graphs reuse"
+                in capsys.readouterr().err)
+    load_config(cfg, ['model.compile={ mode = "max-autotune-no-cudagraphs" }', "train.gradient_accumulation=2"])
+    load_config(cfg, ['model.compile={ mode = "reduce-overhead" }'])
 
 
 def test_cuda_graph_modes_mark_each_micro_step(tmp_path, demo_model_dir, demo_data_dir, monkeypatch) -> None:

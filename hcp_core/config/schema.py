@@ -41,6 +41,8 @@ _unit_open = in_range(0, 1, high_open=True)
 
 VAE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Inductor modes that replay CUDA graphs (torch's "cudagraph trees").
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -344,6 +346,19 @@ def _epoch_dataset_known(inst: Any, attribute: attrs.Attribute, value: TrainConf
                         f"tables: {_known_datasets(inst)}")
 
 
+def _accumulation_fits_compile(inst: Any, attribute: attrs.Attribute, value: TrainConfig) -> None:
+    """CUDA graphs hand each backward's gradients out of memory that their next replay reuses, so
+    gradients accumulated over micro-steps would be overwritten (torch stops with an error)."""
+    if inst is None or value.gradient_accumulation == 1:
+        return
+    options = compile_options(inst.model.compile)
+    if options is not None and options.backend == "inductor" and options.mode in CUDA_GRAPH_MODES:
+        fail(attribute, f"gradient_accumulation = {value.gradient_accumulation} cannot run with model.compile mode "
+                        f"{options.mode!r}: its CUDA graphs reuse the memory of one micro-step's gradients in the "
+                        "next; set gradient_accumulation = 1 (raise batch_size instead) or compile with mode = "
+                        "\"default\"")
+
+
 def _validation_datasets(inst: Any, attribute: attrs.Attribute, value: Optional[ValidationConfig]) -> None:
     if inst is None or value is None:
         return
@@ -382,7 +397,7 @@ class Pipeline:
     seed: int = attrs.field(default=0, validator=seed_in_range)
     #: Where the run writes; blank would write into the working directory itself.
     exp_dir: str = attrs.field(default="runs/exp", validator=not_blank)
-    train: TrainConfig = attrs.field(factory=TrainConfig, validator=_epoch_dataset_known)
+    train: TrainConfig = attrs.field(factory=TrainConfig, validator=[_epoch_dataset_known, _accumulation_fits_compile])
     sample: Optional[SampleConfig] = None
     #: Base name of the exported files (``<output_name>.safetensors``); None: the adapters' own names.
     output_name: Optional[str] = attrs.field(default=None, validator=_file_stem)

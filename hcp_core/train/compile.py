@@ -28,15 +28,13 @@ from typing import Any, List, Optional
 
 import torch
 
-from ..config.schema import CompileConfig
+from ..config.schema import CUDA_GRAPH_MODES, CompileConfig
 from ..errors import UserError
 
 log = logging.getLogger("hcp")
 
 #: Steps after the first whose mean time the log compares with the first's.
 STEADY_STEPS = 5
-#: Inductor modes that replay CUDA graphs (torch's "cudagraph trees").
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_backend(options: CompileConfig, device: torch.device) -> None:

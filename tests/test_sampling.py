@@ -160,7 +160,7 @@ def test_out_of_memory_while_sampling_skips_the_samples_not_the_run(demo_model_d
     sampler = sampling.SampleRenderer(SampleConfig(prompts=["x"], every=5), models=models, exp_dir=tmp_path,
                                        prompt_encoder=PromptEncoder(models.tokenizer, models.text_encoder),
                                        default_size=(64, 64))  # fmt: skip
-    assert [s for s in range(1, 21) if sampler.due(s, max_steps=20)] == [5, 10, 15]  # the end samples on its own
+    assert [s for s in range(1, 21) if sampling.sample_due(sampler.config, s, max_steps=20)] == [5, 10, 15]  # the end samples on its own
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

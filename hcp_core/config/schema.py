@@ -66,6 +66,11 @@ class CompileConfig:
     #: denoiser runs eagerly for new shapes, with a warning.
     recompile_limit: int = attrs.field(default=16, validator=in_range(1, 1024))
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled graphs replay as CUDA graphs (inductor's cudagraph modes)."""
+        return self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES
+
 
 def compile_options(value: Any) -> Optional[CompileConfig]:
     """``model.compile`` as a :class:`CompileConfig` (None when off); ValueError names a bad key."""
@@ -352,7 +357,7 @@ def _accumulation_fits_compile(inst: Any, attribute: attrs.Attribute, value: Tra
     if inst is None or value.gradient_accumulation == 1:
         return
     options = compile_options(inst.model.compile)
-    if options is not None and options.backend == "inductor" and options.mode in CUDA_GRAPH_MODES:
+    if options is not None and options.cuda_graphs:
         fail(attribute, f"gradient_accumulation = {value.gradient_accumulation} cannot run with model.compile mode "
                         f"{options.mode!r}: its CUDA graphs reuse the memory of one micro-step's gradients in the "
                         "next; set gradient_accumulation = 1 (raise batch_size instead) or compile with mode = "

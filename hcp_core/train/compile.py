@@ -28,7 +28,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from ..config.schema import CUDA_GRAPH_MODES, CompileConfig
+from ..config.schema import CompileConfig
 from ..errors import UserError
 
 log = logging.getLogger("hcp")
@@ -86,10 +86,11 @@ def compile_denoiser(module: torch.nn.Module, options: CompileConfig) -> None:
     module._compiled_call_impl = training_calls_only
     from .sharding import original_class  # FSDP named the class "FSDP<class>"
 
+    own_class = original_class(type(module))
     log.info("torch.compile: %s compiled with backend=%s mode=%s dynamic=%s (at most %d graphs); the first step "
-             "compiles it", original_class(type(module)).__name__, options.backend, options.mode, options.dynamic,
+             "compiles it", own_class.__name__, options.backend, options.mode, options.dynamic,
              options.recompile_limit)
-    if hasattr(module, "unshard"):  # an FSDP2 module (fully_shard)
+    if own_class is not type(module):  # sharded by FSDP (fully_shard)
         log.info("torch.compile with FSDP: each FSDP unit's gather and reshard run eagerly between compiled graphs "
                  "(graph breaks at the unit boundaries)")
 
@@ -164,4 +165,4 @@ def setup_compile(models: Any, options: Optional[CompileConfig], optimizer: Any)
     if options is None:
         return None
     compile_denoiser(models.denoiser, options)
-    return CompileWatch(optimizer, cuda_graphs=options.backend == "inductor" and options.mode in CUDA_GRAPH_MODES)
+    return CompileWatch(optimizer, cuda_graphs=options.cuda_graphs)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
@@ -28,7 +29,7 @@ from .interrupts import StopSignals, stopped
 from .optim import evaluation_weights
 from .progress import Progress
 from .sample_images import sample_due
-from .setup import Run, raise_agreed
+from .setup import Run, agreed
 from .sharding import Sharding
 
 log = logging.getLogger("hcp")
@@ -279,30 +280,12 @@ def log_step(run: Run, progress: Progress, step: int, loss: float) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint (all ranks wait) and export user-facing files; the main process writes. With
-    FSDP every process takes part in gathering whole tensors. A failure on one process (a full
-    disk, an export error) stops every process with a message (:func:`.setup.raise_agreed`)."""
+    """Checkpoint (all ranks wait) and export user-facing files; the main process writes. A failure
+    on one process (a full disk, an export error) stops every process with a message
+    (:func:`.setup.agreed`)."""
     run.accelerator.wait_for_everyone()
-    path, failure = None, None
-    if run.is_main or run.sharding is not None:
-        state = {
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.lr_scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "data": run.data.state_dict(),
-            "ema": run.ema.state_dict() if run.ema else {},
-        }
-        trainable = run.trainable_state()
-        if run.sharding is not None:  # checkpoints hold whole tensors, with or without FSDP
-            state, trainable = run.sharding.full((state, trainable), keep=run.is_main)
-        if run.is_main:
-            meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
-            try:
-                path = ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state,
-                                            meta=meta, keep=run.pipeline.train.keep_checkpoints)
-            except BaseException as exc:
-                failure = exc
-    raise_agreed(run.accelerator, failure, f"step {step}: the main process could not write its checkpoint")
+    path = agreed(run.accelerator, f"step {step}: the main process could not write its checkpoint",
+                  lambda: write_checkpoint(run, step))
     agreed_export(run, step)
     if run.is_main:
         ckpt.mark_exported(path)
@@ -310,17 +293,32 @@ def save(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
+def write_checkpoint(run: Run, step: int) -> Optional[Path]:
+    """Checkpoint ``step`` written by the main process (its folder; None on the others). With FSDP
+    every process takes part in gathering whole tensors."""
+    if not run.is_main and run.sharding is None:
+        return None
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.lr_scheduler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "data": run.data.state_dict(),
+        "ema": run.ema.state_dict() if run.ema else {},
+    }
+    trainable = run.trainable_state()
+    if run.sharding is not None:  # checkpoints hold whole tensors, with or without FSDP
+        state, trainable = run.sharding.full((state, trainable), keep=run.is_main)
+    if not run.is_main:
+        return None
+    meta = {"max_steps": run_plan(run.pipeline, run.data).total_steps, "config": pipeline_to_dict(run.pipeline)}
+    return ckpt.save_checkpoint(run.exp_dir, step, trainable=trainable, training_state=state, meta=meta,
+                                keep=run.pipeline.train.keep_checkpoints)
+
+
 def agreed_export(run: Run, step: Optional[int]) -> List[str]:
     """:func:`export` on every process; a failure stops every process with a message."""
-    exports: List[str] = []
-    failure = None
-    try:
-        exports = export(run, step)
-    except BaseException as exc:
-        failure = exc
     what = "the final export" if step is None else f"step {step}: the export"
-    raise_agreed(run.accelerator, failure, f"{what} failed on the main process")
-    return exports
+    return agreed(run.accelerator, f"{what} failed on the main process", lambda: export(run, step))
 
 
 def export(run: Run, step: Optional[int]) -> List[str]:

@@ -120,10 +120,6 @@ class SampleRenderer:
             for k, prompt in enumerate(config.prompts)
         ]
 
-    def due(self, step: int, max_steps: int) -> bool:
-        """Whether samples are rendered after ``step`` (:func:`sample_due`)."""
-        return sample_due(self.config, step, max_steps)
-
     def sample(self, step: int) -> List[Path]:
         """Render every prompt at ``step``; return the image files (grid last)."""
         folder = step_folder(self.exp_dir, step)

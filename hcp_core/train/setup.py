@@ -158,38 +158,35 @@ def make_accelerator(pipeline: Pipeline) -> Any:
     return accelerator
 
 
-def raise_agreed(accelerator: Any, failure: Optional[BaseException], what: str) -> None:
-    """Every process learns whether any of them failed at this point (a collective: all must call
-    it): the one that failed raises its own error, the others a :class:`UserError` saying ``what``
-    went wrong elsewhere, so none waits at its next collective for a process that has exited."""
+def agreed(accelerator: Any, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``'s result, with every process learning whether it failed anywhere (a collective:
+    every process calls it, ``fn`` may do nothing on some): the process that failed raises its
+    own error, the others a :class:`UserError` saying ``what`` went wrong elsewhere, so none waits
+    at its next collective for a process that has exited."""
+    result, failure = None, None
+    try:
+        result = fn()
+    except BaseException as exc:  # other processes must not wait forever for one that failed
+        failure = exc
     if accelerator.num_processes > 1:
         flag = torch.tensor([1 if failure is not None else 0], device=accelerator.device)
         if int(accelerator.reduce(flag, "max").item()) and failure is None:
             raise UserError(f"{what} (see its message); this process stops too")
     if failure is not None:
         raise failure
+    return result
 
 
 def open_folder(pipeline: Pipeline, accelerator: Any, *, resume: bool, overwrite: bool) -> Tuple[Path, Optional[RunLock]]:
     """The run folder made ready and locked by the main process; other ranks wait for it."""
     exp_dir = Path(pipeline.base_dir) / pipeline.exp_dir
-    lock = None
-    failure: Optional[BaseException] = None
-    if accelerator.is_main_process:
-        try:
-            lock = open_run_folder(exp_dir, resume=resume, overwrite=overwrite)
-        except BaseException as exc:  # other ranks must not wait forever for a rank that failed
-            failure = exc
-    raise_agreed(accelerator, failure, f"exp_dir {exp_dir}: the main process could not open the run folder")
+    lock = agreed(accelerator, f"exp_dir {exp_dir}: the main process could not open the run folder",
+                  lambda: open_run_folder(exp_dir, resume=resume, overwrite=overwrite)
+                  if accelerator.is_main_process else None)
     setup_logging(exp_dir, accelerator.is_main_process)
     for note in lock.notes if lock is not None else ():
         log.warning("%s", note)
     log.info("mixed precision: %s", getattr(accelerator, "precision_reason", accelerator.mixed_precision))
-    from .precision import apply_tf32
-
-    tf32 = apply_tf32(pipeline.model.allow_tf32, cuda=accelerator.device.type == "cuda")
-    if tf32:
-        log.info("%s", tf32)
     return exp_dir, lock
 
 
@@ -206,6 +203,11 @@ def build_run(pipeline: Pipeline, *, resume: bool = False, overwrite: bool = Fal
         check_backend(compiling, acc.device)
     exp_dir, lock = open_folder(pipeline, acc, resume=resume, overwrite=overwrite)
     try:
+        from .precision import apply_tf32
+
+        tf32 = apply_tf32(pipeline.model.allow_tf32, cuda=acc.device.type == "cuda")
+        if tf32:
+            log.info("%s", tf32)
         set_seed(pipeline.seed)
         return _build_parts(pipeline, acc, exp_dir, lock)
     except BaseException:
